@@ -1,0 +1,97 @@
+"""Strict loading of DiT weights in the release's layout.
+
+A released or trained checkpoint holds the engine's state dict: DiT keys under
+``model.diffusion_model.`` and possibly the frozen text encoder under ``conditioner.``. The DiT
+part is loaded strictly: any missing, unexpected or wrongly shaped key is an error that lists
+them all, sorted (the release loads with ``strict=False`` and silently re-initialises).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+ENGINE_PREFIX = "model.diffusion_model."
+IGNORED_PREFIXES = ("conditioner.",)
+
+
+class StateDictMismatchError(ValueError):
+    """Raised when a state dict does not match a model's parameters exactly."""
+
+
+@dataclass
+class StateDictDiff:
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.mismatched)
+
+    def report(self, limit: int = 50) -> str:
+        """Human-readable listing, sorted, at most ``limit`` entries per kind."""
+        lines = []
+        for title, items in (("missing", self.missing), ("unexpected", self.unexpected)):
+            if items:
+                lines.append(f"{len(items)} {title} key(s):")
+                lines += [f"  {k}" for k in items[:limit]]
+                if len(items) > limit:
+                    lines.append(f"  ... and {len(items) - limit} more")
+        if self.mismatched:
+            lines.append(f"{len(self.mismatched)} key(s) with the wrong shape (checkpoint vs model):")
+            lines += [f"  {k}: {list(got)} vs {list(want)}" for k, got, want in self.mismatched[:limit]]
+            if len(self.mismatched) > limit:
+                lines.append(f"  ... and {len(self.mismatched) - limit} more")
+        return "\n".join(lines)
+
+
+def diff_shapes(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]]) -> StateDictDiff:
+    """Compare two ``key -> shape`` tables."""
+    return StateDictDiff(
+        missing=sorted(set(expected) - set(found)),
+        unexpected=sorted(set(found) - set(expected)),
+        mismatched=sorted(
+            (k, tuple(found[k]), tuple(expected[k]))
+            for k in set(expected) & set(found)
+            if tuple(found[k]) != tuple(expected[k])
+        ),
+    )
+
+
+def shapes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state_dict.items()}
+
+
+def extract_dit_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The DiT's own keys from a bare DiT state dict or a full engine state dict.
+
+    With any ``model.diffusion_model.`` key present, that prefix is stripped and ``conditioner.*``
+    keys are dropped; every other key is kept so that a strict load reports it as unexpected.
+    """
+    if not any(k.startswith(ENGINE_PREFIX) for k in state_dict):
+        return dict(state_dict)
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith(ENGINE_PREFIX):
+            out[key[len(ENGINE_PREFIX) :]] = value
+        elif not key.startswith(IGNORED_PREFIXES):
+            out[key] = value
+    return out
+
+
+def load_dit_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], assign: bool = False) -> None:
+    """Strictly load DiT weights (bare or engine-prefixed) into ``model``, cast to its dtype.
+
+    With ``assign=True`` (models built on the meta device) the tensors become the parameters.
+    """
+    weights = extract_dit_state_dict(state_dict)
+    expected = model.state_dict()
+    diff = diff_shapes(shapes(expected), shapes(weights))
+    if diff:
+        raise StateDictMismatchError("DiT state dict does not match the model:\n" + diff.report())
+    if assign:
+        weights = {k: v.to(dtype=expected[k].dtype) for k, v in weights.items()}
+    model.load_state_dict(weights, strict=True, assign=assign)

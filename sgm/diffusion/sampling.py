@@ -1,0 +1,71 @@
+"""Sampling: Euler on σ with the state in float32, and classifier-free guidance.
+
+A denoiser is any ``denoise(x, sigma) -> velocity`` closure (rectified flow: ``v ≈ ε − x0``,
+``dx/dσ = v``); guidance, reference latents and parallelism live in that closure, not here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+def sample(
+    denoise: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    callback: StepCallback | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Euler steps ``x ← x + (σ_{k+1} − σ_k)·v(x, σ_k)`` in float32; returns the final state."""
+    x = x.to(torch.float32)
+    sigmas = sigmas.to(device=x.device, dtype=torch.float32)
+    for k in tqdm(range(len(sigmas) - 1), desc="sampling", disable=not progress):
+        velocity = denoise(x, sigmas[k]).to(torch.float32)
+        x = x + (sigmas[k + 1] - sigmas[k]) * velocity
+        if callback is not None:
+            callback(k, x, sigmas[k])
+    return x
+
+
+def guided_velocity(v_uncond: torch.Tensor, v_cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance: ``v_u + s·(v_c − v_u)``."""
+    return v_uncond + scale * (v_cond - v_uncond)
+
+
+def double_subjects(subjects):
+    """The same reference latents for both CFG halves (``[uncond, cond]`` batch order)."""
+    if subjects is None:
+        return None
+    if isinstance(subjects, torch.Tensor):
+        return torch.cat([subjects, subjects])
+    return [torch.cat([s, s]) for s in subjects]
+
+
+def cfg_denoiser(
+    model: Callable[..., torch.Tensor],
+    context: torch.Tensor,
+    uncond_context: torch.Tensor,
+    subjects,
+    scale: float,
+) -> Denoiser:
+    """A denoiser that evaluates ``[uncond, cond]`` in one network call (2 evaluations per step).
+
+    The two halves differ only in their text; both see the same reference latents (release).
+    The timestep fed to the network is ``1000·σ``.
+    """
+    both_contexts = torch.cat([uncond_context, context])
+    both_subjects = double_subjects(subjects)
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        timesteps = (sigma * 1000).expand(2 * x.shape[0])
+        out = model(torch.cat([x, x]), timesteps, both_contexts, both_subjects).to(torch.float32)
+        v_uncond, v_cond = out.chunk(2)
+        return guided_velocity(v_uncond, v_cond, scale)
+
+    return denoise

@@ -1,0 +1,149 @@
+"""The one model registry: architecture names -> ``DiTConfig`` -> built modules.
+
+Every script (sampling, training, merging, benchmarks) resolves ``model.name`` here.
+``kaleido-14b`` holds the release's values (configs/video_model/dit_crossattn_14B_wanvae.yaml,
+spec-dit-diffusion.md §1.1); ``kaleido-tiny`` is the same architecture at toy size, for tests
+and the laptop demo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+
+from sgm.modules.dit import DiTConfig, KaleidoDiT, init_weights
+
+ARCHITECTURES: dict[str, DiTConfig] = {
+    "kaleido-14b": DiTConfig(
+        num_layers=40,
+        hidden_size=5120,
+        num_attention_heads=40,
+        inner_hidden_size=13824,
+        time_freq_dim=256,  # time_embed_dim = hidden_size = 5120
+        text_dim=4096,
+        in_channels=16,
+        out_channels=16,
+        patch_size=(1, 2, 2),
+        layernorm_epsilon=1e-6,
+    ),
+    "kaleido-tiny": DiTConfig(
+        num_layers=4,
+        hidden_size=128,
+        num_attention_heads=4,
+        inner_hidden_size=512,
+        time_freq_dim=64,
+        text_dim=64,
+        in_channels=16,
+        out_channels=16,
+    ),
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class DType(Enum):
+    """Weight (= compute) dtype names accepted in configs."""
+
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+def resolve_dtype(name: str | DType | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if isinstance(name, DType):
+        name = name.value
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype '{name}' (expected one of: {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+def resolve_arch(arch: str | Mapping[str, Any] | DiTConfig, overrides: Mapping[str, Any] | None = None) -> DiTConfig:
+    """A registry name, a mapping of ``DiTConfig`` fields, or a config, with optional field overrides."""
+    if isinstance(arch, DiTConfig):
+        config = arch
+    elif isinstance(arch, str):
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture '{arch}' (registered: {', '.join(sorted(ARCHITECTURES))})")
+        config = ARCHITECTURES[arch]
+    else:
+        config = _from_fields(dict(arch))
+    updates = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if updates:
+        config = _from_fields({**dataclasses.asdict(config), **updates})
+    return config
+
+
+def _from_fields(fields: dict[str, Any]) -> DiTConfig:
+    known = {f.name for f in dataclasses.fields(DiTConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"unknown architecture field(s) {unknown} (expected: {', '.join(sorted(known))})")
+    return DiTConfig(**fields)
+
+
+def build_dit(
+    arch: str | Mapping[str, Any] | DiTConfig,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = torch.float32,
+    checkpoint_activations: bool = False,
+    init: bool = True,
+) -> KaleidoDiT:
+    """Build the DiT directly on ``device`` in ``dtype`` (never fp32-then-cast).
+
+    On the ``meta`` device nothing is allocated: load weights with
+    ``sgm.checkpoint.load_dit_state_dict(model, sd, assign=True)``. ``init`` applies the
+    release's initialisation (skipped on meta); weights to be loaded anyway may skip it.
+    """
+    config = resolve_arch(arch)
+    device = torch.device(device)
+    model = KaleidoDiT(config, device=device, dtype=resolve_dtype(dtype))
+    if init and device.type != "meta":
+        init_weights(model)
+    model.checkpoint_activations = checkpoint_activations
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _optional_yaml_type(hint: Any) -> Any:
+    """The YAML-facing type of a ``DiTConfig`` field, made optional (None = keep the registry value)."""
+    if typing.get_origin(hint) is tuple:
+        return list[int] | None
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint | None
+
+
+# Every DiTConfig field, optional: the ``model.arch`` section of a config overrides registry values.
+ArchOverrides = dataclasses.make_dataclass(
+    "ArchOverrides",
+    [(name, _optional_yaml_type(hint), None) for name, hint in typing.get_type_hints(DiTConfig).items()],
+)
+
+
+@dataclass
+class ModelConfig:
+    """The ``model:`` section shared by every script's config."""
+
+    name: str = "kaleido-tiny"  # a key of ARCHITECTURES
+    arch: ArchOverrides = field(default_factory=ArchOverrides)  # field overrides of the named architecture
+    dtype: DType = DType.float32  # weights = compute dtype: float32 (CPU default) or bfloat16 (GPU, release)
+    checkpoint_activations: bool = False  # recompute each block in backward (training memory)
+
+
+def build_dit_from_config(config: ModelConfig, device: str | torch.device = "cpu", init: bool = True) -> KaleidoDiT:
+    arch = resolve_arch(config.name, dataclasses.asdict(config.arch))
+    return build_dit(
+        arch, device=device, dtype=config.dtype, checkpoint_activations=config.checkpoint_activations, init=init
+    )

@@ -1,0 +1,193 @@
+"""The Kaleido DiT against diffusers' Wan transformer, the spec's layout and its own invariants."""
+
+import math
+
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+
+from sgm.checkpoint import ENGINE_PREFIX, StateDictMismatchError, load_dit_state_dict
+from sgm.convert.diffusers_wan import diffusers_config, diffusers_to_kaleido, kaleido_to_diffusers
+from sgm.modules.dit import layer_norm, rms_norm, timestep_sinusoid, unpatchify
+from sgm.registry import build_dit
+
+TINY = {
+    "num_layers": 2,
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "inner_hidden_size": 128,
+    "time_freq_dim": 32,
+    "text_dim": 24,
+}
+B, T, C, H, W = 2, 3, 16, 8, 12
+
+
+def inputs(batch=B, frames=T, height=H, width=W, text=20):
+    x = torch.randn(batch, frames, C, height, width)
+    timesteps = torch.tensor([137.5, 921.0][:batch])
+    context = torch.randn(batch, text, TINY["text_dim"])
+    return x, timesteps, context
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(1)
+    return build_dit(TINY).eval()
+
+
+def diffusers_twin(model):
+    twin = WanTransformer3DModel(**diffusers_config(model.config)).eval()
+    twin.load_state_dict(kaleido_to_diffusers(model.state_dict()), strict=True)
+    return twin
+
+
+@pytest.mark.parametrize("timesteps", [[3.0, 17.0], [137.5, 921.0], [999.0, 1000.0]])
+def test_without_subjects_equals_diffusers_wan(model, timesteps):
+    x, _, context = inputs()
+    t = torch.tensor(timesteps)
+    twin = diffusers_twin(model)
+    with torch.no_grad():
+        ours = model(x, t, context)
+        theirs = twin(x.transpose(1, 2), t, context).sample.transpose(1, 2)  # diffusers: [B, C, T, H, W]
+    assert ours.shape == (B, T, C, H, W)
+    assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()
+
+
+def test_diffusers_key_conversion_round_trips(model):
+    sd = model.state_dict()
+    back = diffusers_to_kaleido(kaleido_to_diffusers(sd))
+    assert set(back) == set(sd)
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
+    with pytest.raises(KeyError, match="extra.weight"):
+        kaleido_to_diffusers({**sd, "extra.weight": torch.zeros(1)})
+    partial = kaleido_to_diffusers(sd)
+    del partial["blocks.1.attn1.to_k.weight"]
+    with pytest.raises(KeyError, match="query_key_value"):
+        diffusers_to_kaleido(partial)
+
+
+def test_static_and_list_subjects_agree(model):
+    x, t, context = inputs()
+    subjects = torch.randn(B, 2, C, H, W)
+    with torch.no_grad():
+        static = model(x, t, context, subjects)
+        dynamic = model(x, t, context, [subjects[:, k : k + 1] for k in range(2)])
+    torch.testing.assert_close(static, dynamic, rtol=0, atol=1e-6)
+
+
+def test_subjects_condition_the_output_but_never_reach_it(model):
+    x, t, context = inputs()
+    subjects = torch.randn(B, 2, C, H, W)
+    seen = {}
+    handle = model.mixins["final_layer"].register_forward_pre_hook(lambda m, args: seen.update(tokens=args[0].shape[1]))
+    with torch.no_grad():
+        base = model(x, t, context, subjects)
+        changed = subjects.clone()
+        changed[:, 1] += 1.0
+        other = model(x, t, context, changed)
+        plain = model(x, t, context)
+        empty = model(x, t, context, [])
+    handle.remove()
+    assert base.shape == x.shape
+    assert seen["tokens"] == T * (H // 2) * (W // 2)  # the head sees video tokens only
+    assert (base - other).abs().max() > 1e-3  # changing one reference changes the video
+    assert (base - plain).abs().max() > 1e-3
+    torch.testing.assert_close(plain, empty, rtol=0, atol=0)
+
+
+def test_subjects_of_their_own_size(model):
+    x, t, context = inputs()
+    subjects = [torch.randn(B, 1, C, 4, 6), torch.randn(B, 1, C, 10, 8)]
+    with torch.no_grad():
+        out = model(x, t, context, subjects)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_bad_subject_shapes_are_clear_errors(model):
+    x, t, context = inputs()
+    with pytest.raises(ValueError, match="must match the video's H, W"):
+        model(x, t, context, torch.randn(B, 1, C, 4, 4))
+    with pytest.raises(ValueError, match="B=2"):
+        model(x, t, context, torch.randn(1, 1, C, H, W))
+    with pytest.raises(ValueError, match="one latent frame"):
+        model(x, t, context, [torch.randn(B, 2, C, H, W)])
+    with pytest.raises(ValueError, match="multiples"):
+        model(torch.randn(B, T, C, 7, 12), t, context)
+
+
+def test_timestep_sinusoid_is_cos_first_float64():
+    t = torch.tensor([0.0, 250.0])
+    emb = timestep_sinusoid(t, 8)
+    assert emb.dtype == torch.float64
+    freqs = [math.exp(-math.log(10000.0) * j / 4) for j in range(4)]
+    expected = [[math.cos(250.0 * f) for f in freqs] + [math.sin(250.0 * f) for f in freqs]]
+    torch.testing.assert_close(emb[1:], torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert emb[0].tolist() == [1.0] * 4 + [0.0] * 4
+
+
+def test_bf16_norms_round_once_after_the_float32_gain():
+    x = torch.randn(3, 64).bfloat16()
+    gain = (torch.rand(64) + 0.5).bfloat16()
+    xf = x.float()
+    expected = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * gain.float()).bfloat16()
+    torch.testing.assert_close(rms_norm(x, gain, 1e-6), expected, rtol=0, atol=0)
+    ln = torch.nn.functional.layer_norm(xf, (64,), gain.float(), gain.float(), 1e-6).bfloat16()
+    torch.testing.assert_close(layer_norm(x, gain, gain, 1e-6), ln, rtol=0, atol=0)
+
+
+def test_bf16_weights_compute_in_bf16_close_to_float32(model):
+    x, t, context = inputs()
+    low = build_dit(TINY, dtype=torch.bfloat16, init=False).eval()
+    low.load_state_dict({k: v.bfloat16() for k, v in model.state_dict().items()})
+    subjects = torch.randn(B, 2, C, H, W)
+    with torch.no_grad():
+        ref = model(x, t, context, subjects)
+        out = low(x, t, context, subjects)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_unpatchify_inverts_patchify():
+    tokens = torch.randn(2, 3 * 4 * 5, 1 * 2 * 2 * 16)
+    video = unpatchify(tokens, (3, 4, 5), (1, 2, 2), 16)
+    assert video.shape == (2, 3, 16, 8, 10)
+    # token (t, hh, ww), output index ((o*2 + p)*2 + q)*16 + c -> video[t, c, 2hh + p, 2ww + q]
+    assert video[1, 2, 7, 5, 3] == tokens[1, 2 * 20 + 2 * 5 + 1, ((0 * 2 + 1) * 2 + 1) * 16 + 7]
+    patches = video.view(2, 3, 16, 4, 2, 5, 2).permute(0, 1, 3, 5, 4, 6, 2).reshape(2, 60, 64)
+    assert torch.equal(patches, tokens)
+
+
+def test_activation_checkpointing_gives_identical_loss_and_gradients():
+    x, t, context = inputs()
+    subjects = torch.randn(B, 1, C, H, W)
+    results = []
+    for enabled in (False, True):
+        torch.manual_seed(3)
+        m = build_dit(TINY, checkpoint_activations=enabled)
+        loss = m(x, t, context, subjects).pow(2).mean()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_strict_loading_names_every_problem(model):
+    sd = {ENGINE_PREFIX + k: v.clone() for k, v in model.state_dict().items()}
+    sd["conditioner.embedders.0.model.shared.weight"] = torch.zeros(2)  # ignored
+    fresh = build_dit(TINY, device="meta")
+    load_dit_state_dict(fresh, sd, assign=True)
+    x, t, context = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x, t, context), model(x, t, context), rtol=0, atol=0)
+
+    del sd[ENGINE_PREFIX + "mixins.adaln_layer.key_layernorm_list.1.weight"]
+    sd[ENGINE_PREFIX + "transformer.layers.0.attention.extra.weight"] = torch.zeros(3)
+    sd[ENGINE_PREFIX + "mixins.final_layer.linear.bias"] = torch.zeros(65)
+    with pytest.raises(StateDictMismatchError) as info:
+        load_dit_state_dict(build_dit(TINY, device="meta"), sd, assign=True)
+    message = str(info.value)
+    assert "mixins.adaln_layer.key_layernorm_list.1.weight" in message
+    assert "transformer.layers.0.attention.extra.weight" in message
+    assert "mixins.final_layer.linear.bias: [65] vs [64]" in message
