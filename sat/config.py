@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -88,8 +89,8 @@ def load_config(schema: type[T], files: Sequence[str | Path] = (), overrides: Se
             raise ConfigError(f"{path}: config file not found")
         try:
             raw = OmegaConf.to_container(OmegaConf.load(path))
-        except (OmegaConfBaseException, ValueError) as exc:
-            raise ConfigError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
+        except (OmegaConfBaseException, yaml.YAMLError, ValueError) as exc:
+            raise ConfigError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None
         if raw is None:
             continue
         if not isinstance(raw, dict):

@@ -38,7 +38,10 @@ State-dict keys (without the engine prefix ``model.diffusion_model.``):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -128,6 +131,37 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale) + shift
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU (tanh approximation), in place when no gradient is needed: same values, no new buffer
+    (on CPU a fresh ``[L, FFN]`` buffer costs more in page faults than the GELU itself)."""
+    if x.requires_grad:
+        return F.gelu(x, approximate="tanh")
+    return torch.ops.aten.gelu_(x, approximate="tanh")
+
+
+def gated_residual(h: torch.Tensor, gate: torch.Tensor | None, update: torch.Tensor) -> torch.Tensor:
+    """``h + gate·update`` (``h + update`` without a gate), rounding as the release does.
+
+    Without gradients the sum is written into ``h`` (identical values, one buffer less).
+    """
+    if gate is not None:
+        update = gate * update
+    if h.requires_grad or update.requires_grad:
+        return h + update
+    return h.add_(update)
+
+
+def split_projection(x: torch.Tensor, layer: nn.Linear, parts: int) -> list[torch.Tensor]:
+    """A fused projection (rows q, k, v or k, v) as ``parts`` matmuls on row blocks of its weight.
+
+    Same values as one matmul then ``chunk``, but each output is contiguous, so the norms and
+    attention that follow need no copies.
+    """
+    weights = layer.weight.chunk(parts, dim=0)
+    biases = layer.bias.chunk(parts, dim=0)
+    return [F.linear(x, w, b) for w, b in zip(weights, biases, strict=True)]
+
+
 def linear_bias_after(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     """SAT's row-parallel linear: matmul, then the bias as a separate addition.
 
@@ -136,7 +170,10 @@ def linear_bias_after(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     """
     if x.dtype == torch.float32:
         return F.linear(x, layer.weight, layer.bias)
-    return F.linear(x, layer.weight) + layer.bias
+    out = F.linear(x, layer.weight)
+    if out.requires_grad:
+        return out + layer.bias
+    return out.add_(layer.bias)  # same rounding, no second [B, L, D] buffer
 
 
 def unpatchify(
@@ -181,7 +218,7 @@ class SelfAttention(nn.Module):
         self.dense = nn.Linear(dim, dim, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, norms: QKNorms, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.query_key_value(x).chunk(3, dim=-1)  # [B, L, D] each
+        q, k, v = split_projection(x, self.query_key_value, 3)  # [B, L, D] each
         q = apply_rope(norms.query(q).unflatten(-1, (self.heads, -1)), cos, sin)  # [B, L, heads, d]
         k = apply_rope(norms.key(k).unflatten(-1, (self.heads, -1)), cos, sin)
         v = v.unflatten(-1, (self.heads, -1))
@@ -198,33 +235,66 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, norms: QKNorms) -> torch.Tensor:
         q = norms.cross_query(self.query(x)).unflatten(-1, (self.heads, -1))  # [B, L, heads, d]
-        k, v = self.key_value(context).chunk(2, dim=-1)  # [B, Lt, D] each
+        k, v = split_projection(context, self.key_value, 2)  # [B, Lt, D] each
         k = norms.cross_key(k).unflatten(-1, (self.heads, -1))
         v = v.unflatten(-1, (self.heads, -1))
         return linear_bias_after(attention(q, k, v), self.dense)
 
 
+class Scratch:
+    """One reusable buffer per dtype for the MLP's ``[L, FFN]`` activation during CPU inference.
+
+    On CPU every fresh large tensor is paid for in page faults (about 25 ms per 100 MB here, a
+    few percent of a forward); the CUDA caching allocator needs no such help, and autograd needs
+    its own tensors, so the buffer is only used on CPU without gradients. It lives as long as the
+    model (``clear()`` frees it).
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[torch.dtype, torch.Tensor] = {}
+
+    def get(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor | None:
+        if like.device.type != "cpu" or torch.is_grad_enabled():
+            return None
+        numel = math.prod(shape)
+        buffer = self._buffers.get(like.dtype)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._buffers[like.dtype] = torch.empty(numel, dtype=like.dtype)
+        return buffer[:numel].view(shape)
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+
 class MLP(nn.Module):
-    def __init__(self, dim: int, inner: int, device=None, dtype=None):
+    def __init__(self, dim: int, inner: int, scratch: Scratch | None = None, device=None, dtype=None):
         super().__init__()
         self.dense_h_to_4h = nn.Linear(dim, inner, device=device, dtype=dtype)
         self.dense_4h_to_h = nn.Linear(inner, dim, device=device, dtype=dtype)
+        self.scratch = scratch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear_bias_after(F.gelu(self.dense_h_to_4h(x), approximate="tanh"), self.dense_4h_to_h)
+        fc1 = self.dense_h_to_4h
+        rows = x.reshape(-1, x.shape[-1])  # [B·L, D]
+        out = None if self.scratch is None else self.scratch.get((rows.shape[0], fc1.out_features), x)
+        if out is None:
+            hidden = fc1(x)
+        else:  # the same addmm as F.linear, written into the reused buffer
+            hidden = torch.addmm(fc1.bias, rows, fc1.weight.t(), out=out).view(*x.shape[:-1], -1)
+        return linear_bias_after(gelu_tanh(hidden), self.dense_4h_to_h)
 
 
 class TransformerLayer(nn.Module):
     """One block: self-attention -> cross-attention -> MLP (Wan order). The pre-norms have no parameters."""
 
-    def __init__(self, config: DiTConfig, device=None, dtype=None):
+    def __init__(self, config: DiTConfig, scratch: Scratch | None = None, device=None, dtype=None):
         super().__init__()
         dim, heads = config.hidden_size, config.num_attention_heads
         self.eps = config.layernorm_epsilon
         self.attention = SelfAttention(dim, heads, device=device, dtype=dtype)
         self.post_cross_attention_layernorm = nn.LayerNorm(dim, eps=self.eps, device=device, dtype=dtype)
         self.cross_attention = CrossAttention(dim, heads, device=device, dtype=dtype)
-        self.mlp = MLP(dim, config.inner_hidden_size, device=device, dtype=dtype)
+        self.mlp = MLP(dim, config.inner_hidden_size, scratch, device=device, dtype=dtype)
 
     def forward(
         self,
@@ -239,20 +309,22 @@ class TransformerLayer(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)  # [B, 1, D]
 
         a = modulate(layer_norm(h, None, None, self.eps), shift_msa, scale_msa)
-        h = h + gate_msa * self.attention(a, norms, cos, sin)
+        h = gated_residual(h, gate_msa, self.attention(a, norms, cos, sin))
 
         norm = self.post_cross_attention_layernorm
         c = layer_norm(h, norm.weight, norm.bias, self.eps)
-        h = h + self.cross_attention(c, context, norms)
+        h = gated_residual(h, None, self.cross_attention(c, context, norms))
 
         m = modulate(layer_norm(h, None, None, self.eps), shift_mlp, scale_mlp)
-        return h + gate_mlp * self.mlp(m)
+        return gated_residual(h, gate_mlp, self.mlp(m))
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: DiTConfig, device=None, dtype=None):
+    def __init__(self, config: DiTConfig, scratch: Scratch | None = None, device=None, dtype=None):
         super().__init__()
-        self.layers = nn.ModuleList([TransformerLayer(config, device, dtype) for _ in range(config.num_layers)])
+        self.layers = nn.ModuleList(
+            [TransformerLayer(config, scratch, device, dtype) for _ in range(config.num_layers)]
+        )
 
 
 class AdaLNMixin(nn.Module):
@@ -331,7 +403,8 @@ class KaleidoDiT(nn.Module):
         self.text_embedding = nn.Sequential(
             nn.Linear(config.text_dim, dim, **kw), nn.GELU(approximate="tanh"), nn.Linear(dim, dim, **kw)
         )
-        self.transformer = Transformer(config, **kw)
+        self.scratch = Scratch()
+        self.transformer = Transformer(config, self.scratch, **kw)
         self.mixins = nn.ModuleDict(
             {
                 "adaln_layer": AdaLNMixin(config, **kw),
@@ -412,33 +485,73 @@ class KaleidoDiT(nn.Module):
         return unpatchify(out, layout.video_grid, self.config.patch_size, self.config.out_channels)
 
 
-def init_weights(model: KaleidoDiT) -> None:
-    """The release's initialisation for training from scratch (spec §1.4).
+def _linear_default(linear: nn.Linear, generator: torch.Generator) -> None:
+    """PyTorch's default ``nn.Linear`` init (kaiming-uniform weight, uniform bias), seeded."""
+    nn.init.kaiming_uniform_(linear.weight, a=math.sqrt(5), generator=generator)
+    bound = 1 / math.sqrt(linear.in_features)
+    nn.init.uniform_(linear.bias, -bound, bound, generator=generator)
+
+
+def _initializers(model: KaleidoDiT) -> list[Callable[[torch.Generator], None]]:
+    """One initialiser per tensor group (spec §1.4); together they cover every parameter once."""
+    config = model.config
+    row_std = 0.02 / math.sqrt(2 * config.num_layers)
+    jobs: list[Callable[[torch.Generator], None]] = []
+    for linear in (*model.time_embed[::2], model.adaln_projection[1], *model.text_embedding[::2]):
+        jobs.append(partial(_linear_default, linear))
+    for layer in model.transformer.layers:
+        column = (
+            layer.attention.query_key_value,
+            layer.cross_attention.query,
+            layer.cross_attention.key_value,
+            layer.mlp.dense_h_to_4h,
+        )
+        row = (layer.attention.dense, layer.cross_attention.dense, layer.mlp.dense_4h_to_h)
+        for linear, std in [(m, 0.02) for m in column] + [(m, row_std) for m in row]:
+            jobs.append(partial(nn.init.normal_, linear.weight, std=std))
+            nn.init.zeros_(linear.bias)
+        layer.post_cross_attention_layernorm.reset_parameters()
+    adaln = model.mixins["adaln_layer"]
+    norm_lists = (
+        adaln.query_layernorm_list,
+        adaln.key_layernorm_list,
+        adaln.cross_query_layernorm_list,
+        adaln.cross_key_layernorm_list,
+    )
+    for norm in (n for norms in norm_lists for n in norms):
+        nn.init.ones_(norm.weight)
+    proj = model.mixins["patch_embed"].proj
+    jobs.append(partial(nn.init.xavier_uniform_, proj.weight.view(proj.weight.shape[0], -1)))
+    nn.init.zeros_(proj.bias)
+    final = model.mixins["final_layer"]
+    jobs.append(partial(nn.init.xavier_uniform_, final.linear.weight))
+    nn.init.zeros_(final.linear.bias)
+    for offsets in [*adaln.adaLN_modulations, final.adaLN_modulation]:
+        jobs.append(partial(nn.init.normal_, offsets, std=1 / math.sqrt(config.hidden_size)))
+    return jobs
+
+
+def init_weights(model: KaleidoDiT, seed: int | None = None) -> None:
+    """Initialise every parameter once, as the release does for training from scratch (spec §1.4).
 
     Column-parallel linears (QKV, cross Q/KV, FFN-in) N(0, 0.02); row-parallel (outputs)
     N(0, 0.02/sqrt(2·layers)); those biases 0; patch conv and final linear Xavier-uniform on the
-    2D view, bias 0; modulation offsets N(0, 1)/sqrt(D); time/text/adaLN projections keep
-    PyTorch's default Linear init; norm gains 1.
+    2D view, bias 0; modulation offsets N(0, 1)/sqrt(D); time/text/adaLN projections PyTorch's
+    default Linear init; norm gains 1 and the affine LayerNorm bias 0.
+
+    Each tensor draws from its own generator, seeded from ``seed`` (default: the global torch
+    RNG), so the tensors can be filled by parallel threads and the result is still deterministic:
+    random fills are single-threaded in PyTorch and dominate the build time of large models.
     """
-    config = model.config
-    row_std = 0.02 / math.sqrt(2 * config.num_layers)
-    with torch.no_grad():
-        for layer in model.transformer.layers:
-            column = (
-                layer.attention.query_key_value,
-                layer.cross_attention.query,
-                layer.cross_attention.key_value,
-                layer.mlp.dense_h_to_4h,
-            )
-            row = (layer.attention.dense, layer.cross_attention.dense, layer.mlp.dense_4h_to_h)
-            for linear, std in [(m, 0.02) for m in column] + [(m, row_std) for m in row]:
-                nn.init.normal_(linear.weight, std=std)
-                nn.init.zeros_(linear.bias)
-        proj = model.mixins["patch_embed"].proj
-        nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
-        nn.init.zeros_(proj.bias)
-        final = model.mixins["final_layer"]
-        nn.init.xavier_uniform_(final.linear.weight)
-        nn.init.zeros_(final.linear.bias)
-        for offsets in [*model.mixins["adaln_layer"].adaLN_modulations, final.adaLN_modulation]:
-            offsets.normal_().div_(math.sqrt(config.hidden_size))
+    jobs = _initializers(model)
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    seeds = torch.randint(0, 2**62, (len(jobs),), generator=torch.Generator().manual_seed(seed)).tolist()
+    device = next(model.parameters()).device
+
+    def run(job_and_seed) -> None:
+        job, job_seed = job_and_seed
+        job(generator=torch.Generator(device=device).manual_seed(job_seed))
+
+    with torch.no_grad(), ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+        list(pool.map(run, zip(jobs, seeds, strict=True)))
