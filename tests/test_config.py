@@ -52,7 +52,9 @@ def test_unknown_key_names_key_and_file(tmp_path):
         load_config(Schema, [good], ["model.arch.num_layer=3"])
 
 
-@pytest.mark.parametrize("text, expected", [("False", False), ("false", False), ("no", False), ("True", True), ("on", True)])
+@pytest.mark.parametrize(
+    "text, expected", [("False", False), ("false", False), ("no", False), ("True", True), ("on", True)]
+)
 def test_booleans_are_typed(tmp_path, text, expected):
     path = write(tmp_path, "b.yaml", f"inner:\n  enabled: '{text}'\n")
     assert load_config(Schema, [path]).inner.enabled is expected

@@ -191,3 +191,35 @@ def test_strict_loading_names_every_problem(model):
     assert "mixins.adaln_layer.key_layernorm_list.1.weight" in message
     assert "transformer.layers.0.attention.extra.weight" in message
     assert "mixins.final_layer.linear.bias: [65] vs [64]" in message
+
+
+def test_bf16_row_parallel_bias_and_rope_follow_the_release_rounding():
+    from sgm.modules.dit import linear_bias_after
+    from sgm.modules.rope import apply_rope
+
+    layer = torch.nn.Linear(64, 32).bfloat16()
+    x = torch.randn(5, 64).bfloat16()
+    with torch.no_grad():
+        expected = torch.nn.functional.linear(x, layer.weight) + layer.bias  # matmul, round, add, round
+        torch.testing.assert_close(linear_bias_after(x, layer), expected, rtol=0, atol=0)
+
+    q = torch.randn(1, 6, 2, 8).bfloat16()
+    angles = torch.rand(6, 4) * 6
+    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+    x0, x1 = q[..., 0::2], q[..., 1::2]
+    c, s = cos[:, None], sin[:, None]
+    out = apply_rope(q, cos, sin)
+    torch.testing.assert_close(out[..., 0::2], x0 * c - x1 * s, rtol=0, atol=0)
+    torch.testing.assert_close(out[..., 1::2], x1 * c + x0 * s, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_forward_close_to_cpu_float32(model):
+    x, t, context = inputs()
+    subjects = torch.randn(B, 2, C, H, W)
+    gpu = build_dit(TINY, device="cuda", dtype=torch.bfloat16, init=False).eval()
+    gpu.load_state_dict({k: v.bfloat16() for k, v in model.state_dict().items()})
+    with torch.no_grad():
+        ref = model(x, t, context, subjects)
+        out = gpu(x.cuda(), t.cuda(), context.cuda(), subjects.cuda()).float().cpu()
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
