@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import safetensors.torch
 import torch
 from torch import nn
 
@@ -82,16 +84,57 @@ def extract_dit_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, 
     return out
 
 
-def load_dit_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], assign: bool = False) -> None:
-    """Strictly load DiT weights (bare or engine-prefixed) into ``model``, cast to its dtype.
+def load_strict(
+    module: nn.Module,
+    weights: Mapping[str, torch.Tensor],
+    what: str,
+    assign: bool = False,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Load ``weights`` into ``module`` with every key and shape checked first.
 
-    With ``assign=True`` (models built on the meta device) the tensors become the parameters.
+    One ``StateDictMismatchError`` lists all missing, unexpected and wrongly shaped keys, sorted.
+    With ``assign=True`` (modules built on the meta device) the tensors become the parameters,
+    cast to ``dtype`` (default: the module's) one at a time; a tensor already in that dtype is
+    used as is, so a memory-mapped file is not copied.
     """
-    weights = extract_dit_state_dict(state_dict)
-    expected = model.state_dict()
+    expected = module.state_dict()
     diff = diff_shapes(shapes(expected), shapes(weights))
     if diff:
-        raise StateDictMismatchError("DiT state dict does not match the model:\n" + diff.report())
+        raise StateDictMismatchError(f"{what} does not match the model:\n" + diff.report())
     if assign:
-        weights = {k: v.to(dtype=expected[k].dtype) for k, v in weights.items()}
-    model.load_state_dict(weights, strict=True, assign=assign)
+        weights = {k: v.to(dtype=dtype or expected[k].dtype) for k, v in weights.items()}
+    module.load_state_dict(weights, strict=True, assign=assign)
+
+
+def load_dit_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], assign: bool = False) -> None:
+    """Strictly load DiT weights (bare or engine-prefixed) into ``model``, cast to its dtype."""
+    load_strict(model, extract_dit_state_dict(state_dict), "DiT state dict", assign=assign)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file or a ``.pt/.pth/.bin`` state dict, memory-mapped, no pickle code.
+
+    ``torch.load`` runs with ``weights_only=True``: a file that needs anything but tensors and
+    plain containers is refused. A checkpoint with its state dict under ``module`` or
+    ``state_dict`` (SAT / DeepSpeed layouts) is unwrapped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint file not found")
+    if path.suffix == ".safetensors":
+        return safetensors.torch.load_file(str(path))
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):
+            raise
+        loaded = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    if isinstance(loaded, dict):
+        for key in ("module", "state_dict"):
+            if isinstance(loaded.get(key), dict):
+                loaded = loaded[key]
+                break
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise ValueError(f"{path}: expected a state dict of tensors")
+    return loaded

@@ -1,0 +1,282 @@
+"""The Wan2.1 video VAE: diffusers' ``AutoencoderKLWan`` behind the release's interface.
+
+spec-vae-t5-data.md §1. The network is diffusers' (verified bit-exact with the release in
+float64); this module adds what the release's wrapper does around it:
+
+- loading the release's ``Wan2.1_VAE.pth`` (rename table of spec §1.9) or a diffusers folder,
+  built on the meta device and loaded strictly with ``assign=True``;
+- encoding to the posterior mean (never a sample), normalised per channel with the constants the
+  release effectively uses (bf16-rounded, §1.6), laid out time-before-channel for the DiT;
+- decoding with the inverse normalisation, clamped to [-1, 1];
+- encoding each reference image as its own one-frame clip (the release's training path encodes
+  the stack of references as one clip and keeps only the first, spec §4.3).
+
+The VAE is frozen: no gradients, eval mode. On CUDA in bf16 it runs under autocast like the
+release; on CPU in float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLWan
+from torch import nn
+
+from sgm.checkpoint import load_strict, read_state_dict
+
+# Wan2.1's per-channel latent statistics as declared (= diffusers' defaults).
+LATENT_MEAN = (
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+)  # fmt: skip
+LATENT_STD = (
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+)  # fmt: skip
+
+# Compression of the Wan VAE (time, height, width) and the DiT's 2x2 patch on top of it.
+TEMPORAL_STRIDE = 4
+SPATIAL_STRIDE = 8
+PIXEL_MULTIPLE = 16
+
+
+def normalization_constants(
+    mean: tuple[float, ...] = LATENT_MEAN, std: tuple[float, ...] = LATENT_STD, exact: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(shift, multiplier)`` float32 such that ``z = (mu − shift)·multiplier``.
+
+    The release holds mean and std in bf16 and computes ``1/std`` in bf16, so the constants the
+    trained DiT saw are ``bf16(mean)`` and ``bf16(1/bf16(std))`` (up to 0.4 % off the declared
+    values). ``exact=True`` uses the declared float32 values instead.
+    """
+    mean_t = torch.tensor(mean, dtype=torch.float32)
+    std_t = torch.tensor(std, dtype=torch.float32)
+    if exact:
+        return mean_t, 1.0 / std_t
+    return mean_t.bfloat16().float(), torch.reciprocal(std_t.bfloat16()).float()
+
+
+def check_video_shape(shape: tuple[int, ...], name: str = "video") -> None:
+    """Videos are ``[B, 3, F, H, W]`` with ``F = 4k + 1`` and ``H, W`` multiples of 16."""
+    ok = len(shape) == 5 and shape[1] == 3
+    if ok:
+        frames, height, width = shape[2:]
+        ok = frames % TEMPORAL_STRIDE == 1 and height % PIXEL_MULTIPLE == 0 and width % PIXEL_MULTIPLE == 0
+    if not ok:
+        raise ValueError(
+            f"{name}: expected [B, 3, F, H, W] with F = 4k+1 frames and H, W multiples of {PIXEL_MULTIPLE}, "
+            f"got {list(shape)}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Wan2.1_VAE.pth <-> diffusers key names (spec §1.9)
+
+_TOP = {"conv1.": "quant_conv.", "conv2.": "post_quant_conv."}
+_BLOCK_LEAVES = {
+    "residual.0.gamma": "norm1.gamma",
+    "residual.2.": "conv1.",
+    "residual.3.gamma": "norm2.gamma",
+    "residual.6.": "conv2.",
+    "shortcut.": "conv_shortcut.",
+}
+_PART = {"conv1.": "conv_in.", "head.0.gamma": "norm_out.gamma", "head.2.": "conv_out."}
+_MIDDLE = {"0": "mid_block.resnets.0.", "1": "mid_block.attentions.0.", "2": "mid_block.resnets.1."}
+
+
+def _rename_leaf(rest: str, table: Mapping[str, str]) -> str:
+    for old, new in table.items():
+        if rest.startswith(old):
+            return new + rest[len(old) :]
+    return rest
+
+
+def upsample_stride(release_keys: list[str] | set[str]) -> int:
+    """Entries per decoder up-block in the release's flat ``decoder.upsamples`` list (resnets + upsampler)."""
+    indices = [int(m.group(1)) for k in release_keys if (m := re.match(r"decoder\.upsamples\.(\d+)\.resample\.", k))]
+    if not indices:
+        raise ValueError("not a Wan VAE state dict: no decoder.upsamples.*.resample keys")
+    return min(indices) + 1
+
+
+def release_to_diffusers_vae(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename ``Wan2.1_VAE.pth`` keys to ``AutoencoderKLWan`` keys (1:1, no reshapes)."""
+    stride = upsample_stride(set(state_dict))
+    out = {}
+    for key, tensor in state_dict.items():
+        part, _, rest = key.partition(".")
+        if part not in ("encoder", "decoder"):
+            out[_rename_leaf(key, _TOP)] = tensor
+            continue
+        if m := re.match(r"middle\.(\d)\.(.*)", rest):
+            new = _MIDDLE[m.group(1)] + _rename_leaf(m.group(2), _BLOCK_LEAVES)
+        elif m := re.match(r"downsamples\.(\d+)\.(.*)", rest):
+            new = f"down_blocks.{m.group(1)}." + _rename_leaf(m.group(2), _BLOCK_LEAVES)
+        elif m := re.match(r"upsamples\.(\d+)\.(.*)", rest):
+            block, slot = divmod(int(m.group(1)), stride)
+            inner = "upsamplers.0." if slot == stride - 1 else f"resnets.{slot}."
+            new = f"up_blocks.{block}.{inner}" + _rename_leaf(m.group(2), _BLOCK_LEAVES)
+        else:
+            new = _rename_leaf(rest, _PART)
+        out[f"{part}.{new}"] = tensor
+    return out
+
+
+def diffusers_to_release_vae(state_dict: Mapping[str, torch.Tensor], num_res_blocks: int) -> dict[str, torch.Tensor]:
+    """Inverse of ``release_to_diffusers_vae`` (writes files in the release's layout)."""
+    stride = num_res_blocks + 2
+    inverse_leaves = {v: k for k, v in _BLOCK_LEAVES.items()}
+    inverse_part = {v: k for k, v in _PART.items()}
+    inverse_middle = {v: k for k, v in _MIDDLE.items()}
+    out = {}
+    for key, tensor in state_dict.items():
+        part, _, rest = key.partition(".")
+        if part not in ("encoder", "decoder"):
+            out[_rename_leaf(key, {v: k for k, v in _TOP.items()})] = tensor
+            continue
+        if m := re.match(r"(mid_block\.(?:resnets|attentions)\.\d\.)(.*)", rest):
+            new = f"middle.{inverse_middle[m.group(1)]}." + _rename_leaf(m.group(2), inverse_leaves)
+        elif m := re.match(r"down_blocks\.(\d+)\.(.*)", rest):
+            new = f"downsamples.{m.group(1)}." + _rename_leaf(m.group(2), inverse_leaves)
+        elif m := re.match(r"up_blocks\.(\d+)\.(resnets\.(\d+)|upsamplers\.0)\.(.*)", rest):
+            slot = stride - 1 if m.group(3) is None else int(m.group(3))
+            new = f"upsamples.{int(m.group(1)) * stride + slot}." + _rename_leaf(m.group(4), inverse_leaves)
+        else:
+            new = _rename_leaf(rest, inverse_part)
+        out[f"{part}.{new}"] = tensor
+    return out
+
+
+def infer_vae_config(release_state_dict: Mapping[str, torch.Tensor]) -> dict:
+    """``AutoencoderKLWan`` arguments read off a release state dict's shapes (Wan2.1: 96, 16, [1, 2, 4, 4], 2).
+
+    The encoder's flat ``downsamples`` list holds, per level, ``num_res_blocks`` residual blocks
+    and (except the last level) one downsampler; the decoder's ``upsamples`` list holds
+    ``num_res_blocks + 1`` blocks and (except the last) one upsampler per level.
+    """
+    keys = set(release_state_dict)
+    base_dim = release_state_dict["encoder.conv1.weight"].shape[0]
+    z_dim = release_state_dict["conv2.weight"].shape[0]
+    num_res_blocks = upsample_stride(keys) - 2
+    per_level = num_res_blocks + 1
+    entries = 1 + max(int(m.group(1)) for k in keys if (m := re.match(r"encoder\.downsamples\.(\d+)\.", k)))
+    levels = (entries + 1) // per_level
+    dim_mult = [
+        release_state_dict[f"encoder.downsamples.{level * per_level}.residual.2.weight"].shape[0] // base_dim
+        for level in range(levels)
+    ]
+    temporal = [
+        f"encoder.downsamples.{level * per_level + num_res_blocks}.time_conv.weight" in keys
+        for level in range(levels - 1)
+    ]
+    return {
+        "base_dim": base_dim,
+        "z_dim": z_dim,
+        "dim_mult": dim_mult,
+        "num_res_blocks": num_res_blocks,
+        "temperal_downsample": temporal,
+    }
+
+
+class WanVAE(nn.Module):
+    """Frozen Wan VAE. ``encode``: video -> normalised latents ``[B, T', 16, h, w]``; ``decode``: back."""
+
+    def __init__(self, model: AutoencoderKLWan, exact_constants: bool = False):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        z_dim = model.config.z_dim
+        mean, std = model.config.latents_mean, model.config.latents_std
+        if len(mean) != z_dim:  # small research VAEs: identity statistics
+            mean, std = (0.0,) * z_dim, (1.0,) * z_dim
+        shift, multiplier = normalization_constants(tuple(mean), tuple(std), exact=exact_constants)
+        self.register_buffer("shift", shift.view(1, -1, 1, 1, 1), persistent=False)
+        self.register_buffer("multiplier", multiplier.view(1, -1, 1, 1, 1), persistent=False)
+
+    @classmethod
+    def from_release_checkpoint(
+        cls,
+        path: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        exact_constants: bool = False,
+        config: dict | None = None,
+    ) -> WanVAE:
+        """Load ``Wan2.1_VAE.pth`` (release key names); the architecture is read off its shapes."""
+        release = read_state_dict(path)
+        try:
+            arch = config or infer_vae_config(release)
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"{path}: not a Wan VAE checkpoint ({exc})") from None
+        with torch.device("meta"):
+            model = AutoencoderKLWan(**arch)
+        load_strict(model, release_to_diffusers_vae(release), f"{path} (Wan VAE)", assign=True, dtype=dtype)
+        return cls(model, exact_constants=exact_constants).to(device)
+
+    @classmethod
+    def from_diffusers(
+        cls, folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", **kwargs
+    ) -> WanVAE:
+        """Load a diffusers ``AutoencoderKLWan`` folder (``config.json`` + weights), offline."""
+        model = AutoencoderKLWan.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
+        return cls(model, **kwargs).to(device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def _autocast(self):
+        if self.multiplier.device.type == "cuda" and self.dtype != torch.float32:
+            return torch.autocast("cuda", dtype=self.dtype)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, F, H, W]`` in [-1, 1] -> float32 ``[B, 1 + (F−1)/4, z, H/8, W/8]`` (time before channel)."""
+        check_video_shape(tuple(video.shape))
+        with self._autocast():
+            mu = self.model.encode(video.to(device=self.multiplier.device, dtype=self.dtype)).latent_dist.mode()
+        z = (mu.float() - self.shift) * self.multiplier  # [B, z, T', h, w]
+        return z.transpose(1, 2).contiguous()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """float ``[B, T', z, h, w]`` -> float32 video ``[B, 3, 1 + 4(T'−1), 8h, 8w]`` clamped to [-1, 1]."""
+        z = latents.transpose(1, 2).float() / self.multiplier + self.shift  # [B, z, T', h, w]
+        with self._autocast():
+            video = self.model.decode(z.to(self.dtype)).sample
+        return video.float().clamp_(-1.0, 1.0)
+
+    @torch.no_grad()
+    def encode_references(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, N, 3, H, W]`` in [-1, 1] -> ``[B, N, z, H/8, W/8]``: each image its own one-frame clip."""
+        if images.ndim != 5 or images.shape[2] != 3:
+            raise ValueError(f"references: expected [B, N, 3, H, W], got {list(images.shape)}")
+        batch, count = images.shape[:2]
+        clips = images.reshape(batch * count, 3, 1, *images.shape[3:])  # [B·N, 3, 1, H, W]
+        latents = self.encode(clips)  # [B·N, 1, z, h, w]
+        return latents.view(batch, count, *latents.shape[2:])
+
+    def enable_tiling(self, tile_size: int = 256, tile_stride: int = 192) -> None:
+        """Decode and encode large frames in overlapping spatial tiles (less memory).
+
+        Tiles are blended at their seams, so results are **not** bit-equal to the plain path.
+        """
+        self.model.enable_tiling(
+            tile_sample_min_height=tile_size,
+            tile_sample_min_width=tile_size,
+            tile_sample_stride_height=tile_stride,
+            tile_sample_stride_width=tile_stride,
+        )
+
+    def enable_slicing(self) -> None:
+        """Process one batch element at a time (less memory). The release also encodes sample by
+        sample; with batched kernels the results may still differ from the plain path in the last bits."""
+        self.model.enable_slicing()
+
+    def disable_memory_savers(self) -> None:
+        self.model.disable_tiling()
+        self.model.disable_slicing()

@@ -1,0 +1,235 @@
+"""umT5-XXL text encoder: ``transformers.UMT5EncoderModel`` behind the release's interface.
+
+spec-vae-t5-data.md §2. Prompts are cleaned (ftfy, HTML unescaped twice, whitespace collapsed),
+tokenised to exactly ``max_length`` (512) with padding, truncation and EOS, encoded, and the
+padded positions are multiplied by the mask, so they are exactly zero: ``[B, 512, 4096]`` in the
+encoder's dtype. The DiT attends to all 512 positions, pads included.
+
+Weights come from the release's ``models_t5_umt5-xxl-enc-bf16.pth`` (rename table of spec §2.7,
+architecture read off the tensor shapes) or a Hugging Face UMT5 folder. The model is built on the
+meta device and the (memory-mapped) weights become its parameters: no float32 copy of 5.7 B
+parameters, unlike the release.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from enum import Enum
+from pathlib import Path
+
+import ftfy
+import torch
+from torch import nn
+from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
+
+from sgm.checkpoint import load_strict, read_state_dict
+
+log = logging.getLogger(__name__)
+
+T5_MAX_LENGTH = 512
+RELEASE_T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+# Not stored in the checkpoint's shapes; umT5-XXL's value.
+RELATIVE_ATTENTION_MAX_DISTANCE = 128
+
+
+def clean_text(text: str) -> str:
+    """The release's prompt cleaning: ftfy, HTML unescape twice, whitespace runs -> one space."""
+    text = ftfy.fix_text(text)
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+# Release key -> Hugging Face key; "{i}" is the block index.
+_T5_RENAMES = {
+    "norm.weight": "encoder.final_layer_norm.weight",
+    "blocks.{i}.norm1.weight": "encoder.block.{i}.layer.0.layer_norm.weight",
+    "blocks.{i}.attn.q.weight": "encoder.block.{i}.layer.0.SelfAttention.q.weight",
+    "blocks.{i}.attn.k.weight": "encoder.block.{i}.layer.0.SelfAttention.k.weight",
+    "blocks.{i}.attn.v.weight": "encoder.block.{i}.layer.0.SelfAttention.v.weight",
+    "blocks.{i}.attn.o.weight": "encoder.block.{i}.layer.0.SelfAttention.o.weight",
+    "blocks.{i}.pos_embedding.embedding.weight": (
+        "encoder.block.{i}.layer.0.SelfAttention.relative_attention_bias.weight"
+    ),
+    "blocks.{i}.norm2.weight": "encoder.block.{i}.layer.1.layer_norm.weight",
+    "blocks.{i}.ffn.gate.0.weight": "encoder.block.{i}.layer.1.DenseReluDense.wi_0.weight",
+    "blocks.{i}.ffn.fc1.weight": "encoder.block.{i}.layer.1.DenseReluDense.wi_1.weight",
+    "blocks.{i}.ffn.fc2.weight": "encoder.block.{i}.layer.1.DenseReluDense.wo.weight",
+}
+# The token embedding is one tensor tied to two Hugging Face names.
+_EMBEDDING = "token_embedding.weight"
+_HF_EMBEDDINGS = ("shared.weight", "encoder.embed_tokens.weight")
+
+
+def _template_regex(template: str) -> re.Pattern:
+    return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(\d+)") + "$")
+
+
+def _rename(key: str, table: Mapping[str, str]) -> str | None:
+    for source, target in table.items():
+        match = _template_regex(source).match(key)
+        if match:
+            return target.replace("{i}", match.group(1)) if match.groups() else target
+    return None
+
+
+def release_to_hf_umt5(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Release ``.pth`` keys -> ``UMT5EncoderModel`` keys (pure renames, no reshapes)."""
+    out, unknown = {}, []
+    for key, tensor in state_dict.items():
+        if key == _EMBEDDING:
+            out.update(dict.fromkeys(_HF_EMBEDDINGS, tensor))
+        elif (new := _rename(key, _T5_RENAMES)) is not None:
+            out[new] = tensor
+        else:
+            unknown.append(key)
+    if unknown:
+        raise KeyError(f"unexpected key(s) in the umT5 checkpoint: {sorted(unknown)}")
+    return out
+
+
+def hf_to_release_umt5(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of ``release_to_hf_umt5`` (the tied embedding is written once)."""
+    inverse = {v: k for k, v in _T5_RENAMES.items()}
+    out, unknown = {}, []
+    for key, tensor in state_dict.items():
+        if key in _HF_EMBEDDINGS:
+            out[_EMBEDDING] = tensor
+        elif (new := _rename(key, inverse)) is not None:
+            out[new] = tensor
+        else:
+            unknown.append(key)
+    if unknown:
+        raise KeyError(f"no release name for umT5 key(s): {sorted(unknown)}")
+    return out
+
+
+def infer_umt5_config(release_state_dict: Mapping[str, torch.Tensor]) -> UMT5Config:
+    """The encoder's configuration read off the release checkpoint's shapes (umT5-XXL: 256384, 4096, 24, 64 heads)."""
+    vocab, d_model = release_state_dict[_EMBEDDING].shape
+    layers = 1 + max(int(m.group(1)) for k in release_state_dict if (m := re.match(r"blocks\.(\d+)\.", k)))
+    buckets, heads = release_state_dict["blocks.0.pos_embedding.embedding.weight"].shape
+    return UMT5Config(
+        vocab_size=vocab,
+        d_model=d_model,
+        d_kv=release_state_dict["blocks.0.attn.q.weight"].shape[0] // heads,
+        d_ff=release_state_dict["blocks.0.ffn.fc1.weight"].shape[0],
+        num_layers=layers,
+        num_heads=heads,
+        relative_attention_num_buckets=buckets,
+        relative_attention_max_distance=RELATIVE_ATTENTION_MAX_DISTANCE,
+        layer_norm_epsilon=1e-6,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        is_encoder_decoder=False,
+    )
+
+
+class Placement(Enum):
+    """Where the text encoder lives: on ``device``, always on the CPU, or on the CPU between calls."""
+
+    device = "device"
+    cpu = "cpu"
+    offload = "offload"
+
+
+class TextEncoder(nn.Module):
+    """Frozen umT5 encoder with its tokenizer. ``encode(prompts) -> [B, max_length, d_model]``."""
+
+    def __init__(
+        self,
+        tokenizer,
+        model: UMT5EncoderModel,
+        max_length: int = T5_MAX_LENGTH,
+        device: str | torch.device = "cpu",
+        placement: Placement = Placement.device,
+    ):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.model = model.eval().requires_grad_(False)
+        self.max_length = max_length
+        self.target = torch.device(device)
+        self.placement = Placement(placement)
+        self.model.to(self.target if self.placement is Placement.device else "cpu")
+
+    @classmethod
+    def from_folder(
+        cls,
+        folder: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        placement: Placement = Placement.device,
+        max_length: int = T5_MAX_LENGTH,
+    ) -> TextEncoder:
+        """Load from the release's ``umt5-xxl`` folder (``.pth`` + tokenizer) or a Hugging Face UMT5 folder."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: text encoder folder not found")
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        release_file = folder / RELEASE_T5_FILE
+        if release_file.is_file():
+            model = load_release_umt5(release_file, dtype)
+        elif (folder / "config.json").is_file():
+            model = UMT5EncoderModel.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
+        else:
+            raise FileNotFoundError(f"{folder}: neither {RELEASE_T5_FILE} nor a Hugging Face config.json")
+        return cls(tokenizer, model, max_length=max_length, device=device, placement=placement)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cleaned prompts -> ``input_ids, attention_mask`` ``[B, max_length]``; warns about truncation."""
+        texts = [clean_text(p) for p in prompts]
+        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+        for index, length in enumerate(lengths):
+            if length > self.max_length:
+                log.warning(
+                    "prompt %d is %d tokens long: the last %d are dropped (the text encoder reads %d)",
+                    index,
+                    length,
+                    length - self.max_length,
+                    self.max_length,
+                )
+        tokens = self.tokenizer(
+            texts,
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            add_special_tokens=True,
+            return_tensors="pt",
+        )
+        return tokens["input_ids"], tokens["attention_mask"]
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        """``[B, max_length, d_model]`` on the target device, in the encoder's dtype, zero at padding."""
+        ids, mask = self.tokenize(list(prompts))
+        run_on = self.target if self.placement is not Placement.cpu else torch.device("cpu")
+        if self.placement is Placement.offload:
+            self.model.to(run_on)
+        try:
+            hidden = self.model(input_ids=ids.to(run_on), attention_mask=mask.to(run_on)).last_hidden_state
+        finally:
+            if self.placement is Placement.offload:
+                self.model.to("cpu")
+        hidden = hidden * mask.to(device=hidden.device, dtype=hidden.dtype)[..., None]
+        return hidden.to(self.target)
+
+    forward = encode
+
+
+def load_release_umt5(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> UMT5EncoderModel:
+    """The release's ``.pth`` into a ``UMT5EncoderModel`` built on the meta device, strictly."""
+    release = read_state_dict(path)
+    try:
+        config = infer_umt5_config(release)
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"{path}: not a umT5 encoder checkpoint ({exc})") from None
+    with torch.device("meta"):
+        model = UMT5EncoderModel(config)
+    load_strict(model, release_to_hf_umt5(release), f"{path} (umT5 encoder)", assign=True, dtype=dtype)
+    return model

@@ -1,0 +1,126 @@
+"""Wan VAE: the release's key layout, encode/decode against diffusers, normalisation, shapes."""
+
+import pytest
+import torch
+from diffusers import AutoencoderKLWan
+
+from sgm.checkpoint import StateDictMismatchError
+from sgm.models.wan_vae import (
+    LATENT_MEAN,
+    LATENT_STD,
+    WanVAE,
+    diffusers_to_release_vae,
+    infer_vae_config,
+    normalization_constants,
+    release_to_diffusers_vae,
+)
+
+TINY = {"base_dim": 8, "z_dim": 16, "num_res_blocks": 1, "dim_mult": [1, 2, 2, 2]}
+
+# spec-vae-t5-data.md §1.6: bf16(mean) and the effective multiplier bf16(1/bf16(std)).
+SPEC_MEAN = [
+    -0.7578125, -0.70703125, -0.91015625, 0.10742188, -0.17480469, 0.96484375, -0.15136719, 1.5546875,
+    0.4140625, -0.071289062, 0.55078125, -0.36328125, -0.19238281, -0.94921875, 0.25, -0.29296875,
+]  # fmt: skip
+SPEC_MULTIPLIER = [
+    0.35546875, 0.6875, 0.4296875, 0.37695312, 0.8203125, 0.5625, 0.3828125, 0.48046875,
+    0.30664062, 0.46289062, 0.34960938, 0.64453125, 0.609375, 0.890625, 0.35351562, 0.5234375,
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reference():
+    torch.manual_seed(0)
+    return AutoencoderKLWan(**TINY).eval()
+
+
+@pytest.fixture(scope="module")
+def release_file(reference, tmp_path_factory):
+    path = tmp_path_factory.mktemp("vae") / "Wan2.1_VAE.pth"
+    torch.save(diffusers_to_release_vae(reference.state_dict(), TINY["num_res_blocks"]), path)
+    return path
+
+
+def test_release_key_names_and_round_trip(reference):
+    sd = reference.state_dict()
+    release = diffusers_to_release_vae(sd, TINY["num_res_blocks"])
+    assert {"conv1.weight", "conv2.weight", "encoder.conv1.weight", "encoder.head.2.weight"} <= set(release)
+    assert "decoder.upsamples.2.resample.1.weight" in release  # 2 resnets + upsampler per level
+    assert "encoder.middle.1.to_qkv.weight" in release and "decoder.upsamples.0.residual.0.gamma" in release
+    back = release_to_diffusers_vae(release)
+    assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+    assert infer_vae_config(release) == {**TINY, "temperal_downsample": [False, True, True]}
+
+
+def test_full_size_layout_matches_the_spec():
+    with torch.device("meta"):
+        full = AutoencoderKLWan()
+    release = diffusers_to_release_vae(full.state_dict(), 2)
+    assert len(release) == 194
+    assert tuple(release["decoder.upsamples.3.time_conv.weight"].shape) == (768, 384, 3, 1, 1)
+    assert tuple(release["decoder.upsamples.4.shortcut.weight"].shape) == (384, 192, 1, 1, 1)
+    assert tuple(release["encoder.downsamples.8.time_conv.weight"].shape) == (384, 384, 3, 1, 1)
+    assert "decoder.upsamples.14.residual.6.weight" in release
+    assert infer_vae_config(release)["dim_mult"] == [1, 2, 4, 4]
+
+
+def test_encode_and_decode_equal_the_original_module(reference, release_file):
+    vae = WanVAE.from_release_checkpoint(release_file)
+    video = torch.rand(2, 3, 5, 32, 48) * 2 - 1
+    latents = vae.encode(video)
+    assert latents.shape == (2, 2, 16, 4, 6) and latents.dtype == torch.float32
+    shift, multiplier = normalization_constants()
+    with torch.no_grad():
+        mu = reference.encode(video).latent_dist.mode()
+        expected = ((mu - shift.view(1, -1, 1, 1, 1)) * multiplier.view(1, -1, 1, 1, 1)).transpose(1, 2)
+        assert torch.equal(latents, expected)
+        decoded = vae.decode(latents)
+        raw = latents.transpose(1, 2) / multiplier.view(1, -1, 1, 1, 1) + shift.view(1, -1, 1, 1, 1)
+        assert torch.equal(decoded, reference.decode(raw).sample.clamp(-1, 1))
+    assert decoded.shape == video.shape and decoded.abs().max() <= 1.0
+
+
+def test_references_are_encoded_one_frame_each(release_file):
+    vae = WanVAE.from_release_checkpoint(release_file)
+    images = torch.rand(2, 3, 3, 32, 32) * 2 - 1
+    latents = vae.encode_references(images)
+    assert latents.shape == (2, 3, 16, 4, 4)
+    alone = vae.encode(images[1, 2][:, None][None])  # [1, 3, 1, H, W]: the third reference of sample 1
+    torch.testing.assert_close(latents[1, 2], alone[0, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_normalisation_constants_match_the_spec_table():
+    shift, multiplier = normalization_constants()
+    assert shift.tolist() == pytest.approx(SPEC_MEAN, abs=1e-8)
+    assert multiplier.tolist() == pytest.approx(SPEC_MULTIPLIER, abs=1e-8)
+    exact_shift, exact_multiplier = normalization_constants(exact=True)
+    assert exact_shift.tolist() == pytest.approx(LATENT_MEAN, abs=1e-7)
+    assert exact_multiplier.tolist() == pytest.approx([1 / s for s in LATENT_STD], rel=1e-6)
+    z = torch.randn(3, 16)
+    assert torch.allclose((z / multiplier + shift - shift) * multiplier, z, atol=1e-6)
+
+
+def test_bad_video_shapes(release_file):
+    vae = WanVAE.from_release_checkpoint(release_file)
+    for shape in [(1, 3, 4, 32, 32), (1, 3, 5, 24, 32), (1, 4, 5, 32, 32), (3, 5, 32, 32)]:
+        with pytest.raises(ValueError, match=r"F = 4k\+1 frames and H, W multiples of 16"):
+            vae.encode(torch.zeros(shape))
+
+
+def test_damaged_checkpoint_is_refused(reference, tmp_path):
+    release = diffusers_to_release_vae(reference.state_dict(), TINY["num_res_blocks"])
+    release["encoder.extra.weight"] = torch.zeros(1)
+    torch.save(release, tmp_path / "bad.pth")
+    with pytest.raises(StateDictMismatchError, match=r"encoder\.extra\.weight"):
+        WanVAE.from_release_checkpoint(tmp_path / "bad.pth")
+
+
+def test_tiling_and_slicing_switches_keep_shapes(release_file):
+    vae = WanVAE.from_release_checkpoint(release_file)
+    latents = torch.randn(2, 2, 16, 8, 8)
+    plain = vae.decode(latents)
+    vae.enable_tiling(tile_size=32, tile_stride=16)
+    vae.enable_slicing()
+    tiled = vae.decode(latents)
+    vae.disable_memory_savers()
+    assert tiled.shape == plain.shape and (tiled - plain).abs().mean() < 0.5
