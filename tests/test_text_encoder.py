@@ -116,3 +116,28 @@ def test_conditioner_drops_captions_before_encoding():
     assert used == ["a", "b"]
     conditioner.unconditional(WAN_NEGATIVE_PROMPT, 2)
     assert seen[-1] == [WAN_NEGATIVE_PROMPT] * 2 and WAN_NEGATIVE_PROMPT.startswith("色调艳丽")
+
+
+def test_build_from_config_section(release_folder):
+    from sat.config import load_config
+    from sgm.modules.encoders.text import TextEncoderConfig, build_text_encoder
+
+    config = load_config(TextEncoderConfig, [], [f"path={release_folder[0]}", "dtype=float32", "placement=cpu"])
+    encoder = build_text_encoder(config, "cpu")
+    assert encoder.placement is Placement.cpu and encoder.encode(["a"]).shape == (1, 512, 32)
+
+
+def test_hugging_face_folder_loads_too(release_folder, tmp_path):
+    folder, reference = release_folder
+    hf = tmp_path / "hf_umt5"
+    reference.save_pretrained(str(hf))
+    for f in folder.iterdir():
+        if f.is_file() and f.name != RELEASE_T5_FILE:
+            (hf / f.name).write_bytes(f.read_bytes())
+    prompts = ["a blue circle"]
+    torch.testing.assert_close(
+        TextEncoder.from_folder(hf, max_length=8).encode(prompts),
+        TextEncoder.from_folder(folder, max_length=8).encode(prompts),
+        rtol=0,
+        atol=0,
+    )

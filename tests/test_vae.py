@@ -124,3 +124,16 @@ def test_tiling_and_slicing_switches_keep_shapes(release_file):
     tiled = vae.decode(latents)
     vae.disable_memory_savers()
     assert tiled.shape == plain.shape and (tiled - plain).abs().mean() < 0.5
+
+
+def test_build_from_config_sections(release_file, tmp_path, reference):
+    from sat.config import load_config
+    from sgm.models.wan_vae import VAEConfig, build_vae
+
+    config = load_config(VAEConfig, [], [f"path={release_file}", "dtype=float32", "exact_constants=true"])
+    vae = build_vae(config, "cpu")
+    assert torch.allclose(vae.multiplier.flatten(), 1 / torch.tensor(LATENT_STD))
+    reference.save_pretrained(tmp_path / "diffusers_vae")
+    folder = build_vae(load_config(VAEConfig, [], [f"path={tmp_path / 'diffusers_vae'}", "dtype=float32"]), "cpu")
+    video = torch.rand(1, 3, 1, 16, 16) * 2 - 1
+    assert torch.equal(folder.encode(video), WanVAE.from_release_checkpoint(release_file).encode(video))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -280,3 +281,30 @@ class WanVAE(nn.Module):
     def disable_memory_savers(self) -> None:
         self.model.disable_tiling()
         self.model.disable_slicing()
+
+
+@dataclass
+class VAEConfig:
+    """The ``vae:`` config section."""
+
+    path: str = ""  # Wan2.1_VAE.pth (release layout) or a diffusers AutoencoderKLWan folder
+    dtype: str = "bfloat16"  # float32 on CPU
+    exact_constants: bool = False  # True: declared mean/std instead of the release's bf16-rounded ones
+    tiling: bool = False  # spatial tiles: less memory, not bit-equal
+    slicing: bool = False  # one sample at a time: less memory
+
+
+def build_vae(config: VAEConfig, device: str | torch.device) -> WanVAE:
+    from sgm.registry import resolve_dtype
+
+    dtype = resolve_dtype(config.dtype)
+    path = Path(config.path)
+    if path.is_dir():
+        vae = WanVAE.from_diffusers(path, dtype=dtype, device=device, exact_constants=config.exact_constants)
+    else:
+        vae = WanVAE.from_release_checkpoint(path, dtype=dtype, device=device, exact_constants=config.exact_constants)
+    if config.tiling:
+        vae.enable_tiling()
+    if config.slicing:
+        vae.enable_slicing()
+    return vae

@@ -17,6 +17,7 @@ import html
 import logging
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
@@ -220,6 +221,28 @@ class TextEncoder(nn.Module):
         return hidden.to(self.target)
 
     forward = encode
+
+
+@dataclass
+class TextEncoderConfig:
+    """The ``text_encoder:`` config section."""
+
+    path: str = ""  # the release's umt5-xxl folder (.pth + tokenizer) or a Hugging Face UMT5 folder
+    dtype: str = "bfloat16"  # float32 on CPU
+    placement: Placement = Placement.device  # device | cpu (always) | offload (on the device only while encoding)
+    max_length: int = T5_MAX_LENGTH
+
+
+def build_text_encoder(config: TextEncoderConfig, device: str | torch.device) -> TextEncoder:
+    from sgm.registry import resolve_dtype
+
+    return TextEncoder.from_folder(
+        config.path,
+        dtype=resolve_dtype(config.dtype),
+        device=device,
+        placement=config.placement,
+        max_length=config.max_length,
+    )
 
 
 def load_release_umt5(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> UMT5EncoderModel:
