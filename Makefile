@@ -25,7 +25,7 @@ test: lint
 	$(PY) -m pytest -q
 
 demo: install
-	$(PY) tools/dit_demo.py --config configs/model/kaleido_tiny.yaml configs/sampling/dit_demo.yaml
+	$(PY) sample_video.py --config configs/model/kaleido_tiny.yaml configs/sampling/tiny.yaml
 
 bench: install
 	$(PY) benchmarks/dit_forward.py

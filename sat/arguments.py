@@ -58,10 +58,6 @@ def parse_config(parser: argparse.ArgumentParser, schema: type[T], argv: Sequenc
 
 
 def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=getattr(logging, level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-        force=True,
-    )
+    """Log lines with time, level and logger to stderr (keeps handlers a host already installed)."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.getLogger().setLevel(getattr(logging, level))

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import safetensors.torch
 import torch
 from torch import nn
@@ -112,6 +113,32 @@ def load_dit_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]
     load_strict(model, extract_dit_state_dict(state_dict), "DiT state dict", assign=assign)
 
 
+# SAT/DeepSpeed checkpoints carry numpy RNG states next to the weights: plain data, allowed.
+_NUMPY_DATA_TYPES = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype("uint32"))]
+SAT_MODEL_FILE = "mp_rank_00_model_states.pt"
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The weights file of a checkpoint path: a file, or a SAT folder (``latest`` names the iteration)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    latest = path / "latest"
+    if latest.is_file():
+        path = path / latest.read_text().strip()
+    for name in (SAT_MODEL_FILE, "model.safetensors"):
+        if (path / name).is_file():
+            return path / name
+    raise FileNotFoundError(f"{path}: no {SAT_MODEL_FILE} or model.safetensors (and no 'latest' file)")
+
+
+def read_dit_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """DiT weights (engine prefix stripped, conditioner keys dropped) from a file or SAT folder."""
+    return extract_dit_state_dict(read_state_dict(resolve_checkpoint(path)))
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file or a ``.pt/.pth/.bin`` state dict, memory-mapped, no pickle code.
 
@@ -124,12 +151,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"{path}: checkpoint file not found")
     if path.suffix == ".safetensors":
         return safetensors.torch.load_file(str(path))
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as exc:
-        if "mmap" not in str(exc):
-            raise
-        loaded = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    with torch.serialization.safe_globals(_NUMPY_DATA_TYPES):
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            loaded = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     if isinstance(loaded, dict):
         for key in ("module", "state_dict"):
             if isinstance(loaded.get(key), dict):

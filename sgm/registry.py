@@ -78,7 +78,10 @@ def resolve_arch(arch: str | Mapping[str, Any] | DiTConfig, overrides: Mapping[s
         config = _from_fields(dict(arch))
     updates = {k: v for k, v in (overrides or {}).items() if v is not None}
     if updates:
-        config = _from_fields({**dataclasses.asdict(config), **updates})
+        base = dataclasses.asdict(config)
+        if base["time_embed_dim"] == base["hidden_size"]:
+            base["time_embed_dim"] = None  # derived: follows an overridden hidden_size
+        config = _from_fields({**base, **updates})
     return config
 
 

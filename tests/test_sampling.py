@@ -50,3 +50,22 @@ def test_cfg_batches_uncond_then_cond_with_the_same_subjects():
     assert torch.equal(subj[0], subj[1])
     assert torch.allclose(v, torch.full_like(v, guided_velocity(torch.tensor(-1.0), torch.tensor(2.0), 6.0).item()))
     assert guided_velocity(torch.tensor(-1.0), torch.tensor(2.0), 6.0).item() == 17.0
+
+
+def test_training_shift_examples_and_rounding_recipe():
+    from sgm.diffusion.schedules import resolution_shift, shift_sigmas
+
+    assert abs(resolution_shift(64, 112) - 2.138) < 1e-3  # 512x896 video
+    assert abs(resolution_shift(90, 160) - 2.904) < 1e-3  # 720x1280 video
+    assert abs(resolution_shift(32, 32) - 1.6487) < 1e-4  # 256 tokens per frame: e^0.5
+    sigmas = torch.rand(10000) * 0.999 + 0.0005
+    shift = resolution_shift(64, 112)
+    out = shift_sigmas(sigmas, shift)
+    s32 = torch.tensor(shift, dtype=torch.float32)
+    recipe = torch.reciprocal((s32 + torch.reciprocal(sigmas)) - 1) * s32  # the release's op order
+    assert torch.equal(out, recipe)
+    algebraic = shift * sigmas.double() / (shift * sigmas.double() + 1 - sigmas.double())
+    torch.testing.assert_close(out.double(), algebraic, rtol=1e-6, atol=1e-7)
+    ordered = shift_sigmas(torch.sort(sigmas).values, shift)
+    assert torch.all(ordered[1:] >= ordered[:-1]) and torch.all(out > sigmas)  # monotone, moved towards noise
+    assert shift_sigmas(torch.tensor([1.0]), shift).item() == 1.0

@@ -5,6 +5,8 @@ Convention: ``x_σ = (1 − σ)·x0 + σ·ε``; σ = 1 is pure noise; a schedule
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # The release samples with a fixed shift (not the resolution-dependent training shift).
@@ -24,3 +26,31 @@ def shifted_schedule(num_steps: int, shift: float = SAMPLING_SHIFT) -> torch.Ten
     u = torch.linspace(0.0, 1.0, num_steps + 1, dtype=torch.float64)
     s = (u / (shift + u - shift * u)).to(torch.float32)
     return 1.0 - s
+
+
+# Resolution-dependent training shift (spec §5.2): mu is linear in the spatial tokens per frame.
+SHIFT_BASE_TOKENS, SHIFT_BASE_MU = 256, 0.5
+SHIFT_MAX_TOKENS, SHIFT_MAX_MU = 4096, 1.15
+
+
+def resolution_shift(latent_height: int, latent_width: int) -> float:
+    """``e^μ`` with ``μ = 0.5 + 0.65·(L − 256)/(4096 − 256)``, ``L = (h·w)//2//2`` tokens per frame.
+
+    512×896 video (latent 64×112, L = 1792): 2.138; 720×1280 (L = 3600): 2.904.
+    """
+    tokens = (latent_height * latent_width) // 2 // 2
+    slope = (SHIFT_MAX_MU - SHIFT_BASE_MU) / (SHIFT_MAX_TOKENS - SHIFT_BASE_TOKENS)
+    return math.exp(SHIFT_BASE_MU + slope * (tokens - SHIFT_BASE_TOKENS))
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """``s·σ / (s·σ + 1 − σ)`` evaluated as the release does, bit for bit in float32 (spec §10 item 3).
+
+    Order: ``r = 1/σ``; ``a = float32(s) + r``; ``a = a − 1``; ``out = reciprocal(a)·float32(s)``.
+    The algebraically equal ``sσ/(sσ + 1 − σ)`` misses the release's values by one float32 step
+    in about 40 % of cases.
+    """
+    s = torch.tensor(shift, dtype=torch.float32)
+    a = s + torch.reciprocal(sigmas.to(torch.float32))
+    a = a - 1
+    return torch.reciprocal(a) * s

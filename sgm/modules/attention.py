@@ -23,10 +23,13 @@ except ImportError:
     flash_attn_func = None
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def attention_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Like ``attention`` but returns ``[B, Lq, heads, head_dim]`` (heads not merged)."""
     if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        out = flash_attn_func(q, k, v)  # [B, Lq, heads, head_dim]
-    else:
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        out = out.transpose(1, 2)  # [B, heads, Lq, d] -> [B, Lq, heads, d]
-    return out.flatten(2)
+        return flash_attn_func(q, k, v)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)  # [B, heads, Lq, d] -> [B, Lq, heads, d]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return attention_heads(q, k, v).flatten(2)

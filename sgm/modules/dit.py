@@ -214,6 +214,8 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int, device=None, dtype=None):
         super().__init__()
         self.heads = heads
+        # Replaced from outside for sequence parallelism (sat.parallel.enable_sequence_parallel).
+        self.attention_fn = attention
         self.query_key_value = nn.Linear(dim, 3 * dim, device=device, dtype=dtype)
         self.dense = nn.Linear(dim, dim, device=device, dtype=dtype)
 
@@ -222,7 +224,7 @@ class SelfAttention(nn.Module):
         q = apply_rope(norms.query(q).unflatten(-1, (self.heads, -1)), cos, sin)  # [B, L, heads, d]
         k = apply_rope(norms.key(k).unflatten(-1, (self.heads, -1)), cos, sin)
         v = v.unflatten(-1, (self.heads, -1))
-        return linear_bias_after(attention(q, k, v), self.dense)
+        return linear_bias_after(self.attention_fn(q, k, v), self.dense)
 
 
 class CrossAttention(nn.Module):
@@ -461,7 +463,10 @@ class KaleidoDiT(nn.Module):
         timesteps: torch.Tensor,
         context: torch.Tensor,
         subjects: Subjects = None,
+        token_offset: tuple[int, int] = (0, 0),
     ) -> torch.Tensor:
+        """``token_offset``: (row, column) of this input's first token in the full latent, for a
+        sequence-parallel slice (RoPE positions of the video and the subjects' origin move with it)."""
         dtype, dim = self.dtype, self.config.hidden_size
         h, layout = self.embed_tokens(x, subjects)
         batch = h.shape[0]
@@ -469,7 +474,7 @@ class KaleidoDiT(nn.Module):
         emb = self.time_embed(timestep_sinusoid(timesteps, self.config.time_freq_dim).to(dtype))  # [B, D]
         adaln = self.adaln_projection(emb).view(batch, 6, dim)
         context = self.text_embedding(context.to(dtype))  # [B, Lt, D]
-        cos, sin = self.rope.get(layout, h.device, dtype)
+        cos, sin = self.rope.get(layout, h.device, dtype, tuple(token_offset))
 
         adaln_mixin = self.mixins["adaln_layer"]
         for i, layer in enumerate(self.transformer.layers):

@@ -1,0 +1,156 @@
+"""Where sampling time goes: seconds per step, network evaluations per step, DiT / VAE / text shares.
+
+Two configurations on the CPU, both with the committed tiny text encoder and VAE and random DiT
+weights (speed does not depend on the values):
+
+- tiny: ``kaleido-tiny`` at 64×96, 3 latent frames, 2 references;
+- mid: 2 layers at the 1.3B width (hidden 1536, 12 heads, FFN 8960) at 256×384, 5 latent frames
+  (17 video frames), 2 references: 2,688 tokens per evaluation.
+
+Then the tiny configuration with ``sequence_parallel_size=2`` on 2 gloo processes, reporting the
+share of sampling time spent in the Ulysses all-to-alls. Prints; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sat.config import load_config  # noqa: E402
+from sat.parallel import UlyssesAttention, init_parallel  # noqa: E402
+
+log = logging.getLogger("sample_step")
+CONFIGS = {
+    "tiny": {"overrides": [], "size": (64, 96), "frames": 3},
+    "mid": {
+        "overrides": [
+            "model.arch.num_layers=2",
+            "model.arch.hidden_size=1536",
+            "model.arch.num_attention_heads=12",
+            "model.arch.inner_hidden_size=8960",
+            "model.arch.time_freq_dim=256",
+        ],
+        "size": (256, 384),
+        "frames": 5,
+    },
+}
+
+
+def measure(name: str, steps: int, sp_size: int = 1) -> dict:
+    import sample_video
+    from sgm.models.engine import Timings
+
+    spec = CONFIGS[name]
+    files = [ROOT / "configs/model/kaleido_tiny.yaml", ROOT / "configs/sampling/tiny.yaml"]
+    config = load_config(sample_video.SamplingConfig, files, [*spec["overrides"], f"num_steps={steps}"])
+    os.chdir(ROOT)
+    parallel = init_parallel(sp_size, torch.device("cpu"))
+    torch.manual_seed(0)
+    pipeline = sample_video.build_pipeline(config, torch.device("cpu"), parallel)
+    images = [Image.new("RGB", (60, 40), (200, 40, 40)), Image.new("RGB", (40, 60), (40, 40, 200))]
+    height, width = spec["size"]
+    pipeline.generate("warm up", images, 0, height, width, spec["frames"], Timings())  # allocator, caches
+    timings = Timings()
+    start = time.perf_counter()
+    latents = pipeline.generate("a red ball and a blue cube", images, 1, height, width, spec["frames"], timings)
+    pipeline.decode(latents, timings)
+    total = time.perf_counter() - start
+    communication = sum(
+        m.attention_fn.communication_s
+        for m in pipeline.dit.modules()
+        if isinstance(getattr(m, "attention_fn", None), UlyssesAttention)
+    )
+    tokens = (spec["frames"] + len(images)) * (height // 16) * (width // 16)
+    return {
+        "name": name,
+        "tokens": tokens,
+        "steps": steps,
+        "step_s": timings.sampling_s / steps,
+        "evaluations_per_step": 2 * timings.network_calls / steps,
+        "total_s": total,
+        "dit_s": timings.sampling_s,
+        "vae_s": timings.references_s + timings.decode_s,
+        "text_s": timings.text_s,
+        "communication_s": communication,
+    }
+
+
+def report(result: dict) -> None:
+    total = result["total_s"]
+    log.info(
+        "%s (%d tokens per evaluation): %.3f s per step, %.0f network evaluations per step; of %.2f s: "
+        "DiT %.1f%%, VAE %.1f%%, text encoder %.1f%%",
+        result["name"],
+        result["tokens"],
+        result["step_s"],
+        result["evaluations_per_step"],
+        total,
+        100 * result["dit_s"] / total,
+        100 * result["vae_s"] / total,
+        100 * result["text_s"] / total,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=4, help="sampling steps per measurement")
+    parser.add_argument("--configs", nargs="+", default=["tiny", "mid"], choices=sorted(CONFIGS))
+    parser.add_argument("--sp-child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("sample_video").setLevel(logging.ERROR)
+    if args.sp_child:
+        result = measure("tiny", args.steps, sp_size=2)
+        if int(os.environ["RANK"]) == 0:
+            print("RESULT " + json.dumps(result))
+        torch.distributed.destroy_process_group()
+        return 0
+
+    log.info("CPU %s, %d threads", torch.backends.cpu.get_cpu_capability(), torch.get_num_threads())
+    single = {}
+    for name in args.configs:
+        single[name] = measure(name, args.steps)
+        report(single[name])
+
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [*launch, __file__, "--sp-child", "--steps", str(args.steps)], capture_output=True, text=True, env=env
+    )
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if out.returncode != 0 or not lines:
+        log.error("SP=2 run failed:\n%s", out.stderr[-3000:])
+        return 1
+    sp = json.loads(lines[-1][len("RESULT ") :])
+    sp["name"] = "tiny, SP=2 (gloo, 1 thread per process)"
+    report(sp)
+    log.info(
+        "SP=2 all-to-all: %.3f s of %.3f s sampling (%.1f%%)",
+        sp["communication_s"],
+        sp["dit_s"],
+        100 * sp["communication_s"] / sp["dit_s"],
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Process groups and sequence parallelism, kept at the boundary of the model.
+
+Layout (as the release): ``world = data_parallel × sequence_parallel``; a sequence-parallel (SP)
+group is a block of consecutive ranks. Within a group every rank holds one slice of the latent
+and of every reference latent along H or W (spec-dit §3.5); the DiT runs on its slice with the
+slice's RoPE offset, and self-attention is wrapped in a Ulysses all-to-all (scatter heads, gather
+tokens, attend, scatter tokens back, gather heads). Cross-attention needs no communication: each
+rank's queries attend to the full text, which every rank has. The model itself never calls a
+collective: ``enable_sequence_parallel`` swaps its attention function from outside.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from sgm.modules.attention import attention_heads
+from sgm.modules.dit import KaleidoDiT, SelfAttention
+
+
+@dataclass(frozen=True)
+class ParallelState:
+    """Where this process sits: data-parallel group index and rank inside its SP group."""
+
+    world_size: int = 1
+    rank: int = 0
+    sp_size: int = 1
+    sp_group: object | None = None  # torch.distributed ProcessGroup, None without SP
+
+    @property
+    def sp_rank(self) -> int:
+        return self.rank % self.sp_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.sp_size
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.sp_size
+
+    @property
+    def is_sp_leader(self) -> bool:
+        return self.sp_rank == 0
+
+
+def init_parallel(sp_size: int, device: torch.device) -> ParallelState:
+    """Initialise torch.distributed when launched by torchrun and build the SP groups.
+
+    Without torchrun (no ``WORLD_SIZE``) this is a single process and ``sp_size`` must be 1.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        if sp_size != 1:
+            raise ValueError(f"sequence_parallel_size={sp_size} needs torchrun with a multiple of {sp_size} processes")
+        return ParallelState()
+    if world % sp_size:
+        raise ValueError(f"sequence_parallel_size={sp_size} must divide the number of processes ({world})")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank()
+    group = None
+    for start in range(0, world, sp_size):  # every rank must create every group, in the same order
+        ranks = list(range(start, start + sp_size))
+        created = dist.new_group(ranks) if sp_size > 1 else None
+        if rank in ranks:
+            group = created
+    return ParallelState(world_size=world, rank=rank, sp_size=sp_size, sp_group=group)
+
+
+def split_dim(latent_height: int, sp_size: int, preference: str = "auto") -> int:
+    """Latent axis to split: 3 (H) or 4 (W) of ``[B, T, C, H, W]``.
+
+    ``auto`` follows the release: H when every shard keeps an even number of latent rows (whole
+    2×2 patches), else W.
+    """
+    if preference == "height":
+        return 3
+    if preference == "width":
+        return 4
+    if preference != "auto":
+        raise ValueError(f"sp_split must be auto, height or width, got '{preference}'")
+    return 3 if latent_height % (2 * sp_size) == 0 else 4
+
+
+def shard(x: torch.Tensor, dim: int, state: ParallelState) -> torch.Tensor:
+    """This rank's slice of ``x`` along ``dim`` (sizes must divide evenly into whole patches)."""
+    if state.sp_size == 1:
+        return x
+    if x.shape[dim] % (2 * state.sp_size):
+        raise ValueError(
+            f"latent size {x.shape[dim]} along dim {dim} does not split into {state.sp_size} shards "
+            "of whole 2x2 patches"
+        )
+    return x.chunk(state.sp_size, dim=dim)[state.sp_rank].contiguous()
+
+
+def gather(x: torch.Tensor, dim: int, state: ParallelState) -> torch.Tensor:
+    """Concatenate the SP group's slices along ``dim`` (on every rank)."""
+    if state.sp_size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(state.sp_size)]
+    dist.all_gather(parts, x.contiguous(), group=state.sp_group)
+    return torch.cat(parts, dim=dim)
+
+
+def token_offset(local_shape: tuple[int, ...], dim: int, state: ParallelState) -> tuple[int, int]:
+    """(row, column) token offset of this rank's slice: RoPE positions of the full latent."""
+    tokens = local_shape[dim] // 2 * state.sp_rank
+    return (tokens, 0) if dim == 3 else (0, tokens)
+
+
+def _all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group) -> torch.Tensor:
+    size = dist.get_world_size(group)
+    inputs = [t.contiguous() for t in x.chunk(size, dim=scatter_dim)]
+    outputs = [torch.empty_like(inputs[0]) for _ in range(size)]
+    dist.all_to_all(outputs, inputs, group=group)
+    return torch.cat(outputs, dim=gather_dim)
+
+
+class UlyssesAttention:
+    """``attention(q, k, v)`` over the tokens of a whole SP group, each rank holding a slice.
+
+    ``[B, L_local, heads, d]`` -> all-to-all -> ``[B, L_group, heads/P, d]`` -> attention ->
+    all-to-all back -> ``[B, L_local, heads·d]``. Attention is permutation-equivariant and RoPE
+    is applied before, so the rank-ordered token concatenation needs no reordering.
+    """
+
+    def __init__(self, group):
+        self.group = group
+        self.communication_s = 0.0  # wall time spent in the all-to-alls (for benchmarks)
+
+    def _exchange(self, x: torch.Tensor, scatter_dim: int, gather_dim: int) -> torch.Tensor:
+        start = time.perf_counter()
+        out = _all_to_all(x, scatter_dim, gather_dim, self.group)
+        self.communication_s += time.perf_counter() - start
+        return out
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q, k, v = (self._exchange(t, scatter_dim=2, gather_dim=1) for t in (q, k, v))
+        out = attention_heads(q, k, v)  # [B, L_group, heads/P, d]
+        return self._exchange(out, scatter_dim=1, gather_dim=2).flatten(2)
+
+
+def enable_sequence_parallel(model: KaleidoDiT, state: ParallelState) -> None:
+    """Route the DiT's self-attention through Ulysses over ``state``'s SP group."""
+    if state.sp_size == 1:
+        return
+    heads = model.config.num_attention_heads
+    if heads % state.sp_size:
+        raise ValueError(f"sequence_parallel_size={state.sp_size} must divide the number of attention heads ({heads})")
+    for module in model.modules():
+        if isinstance(module, SelfAttention):
+            module.attention_fn = UlyssesAttention(state.sp_group)

@@ -1,0 +1,198 @@
+"""sample_video.py end to end on the tiny config (random DiT, committed tiny text encoder and VAE)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import sample_video
+from sgm.data.references import fit_reference, load_reference, split_selector
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = ["--config", str(ROOT / "configs/model/kaleido_tiny.yaml"), str(ROOT / "configs/sampling/tiny.yaml")]
+FAST = ["num_steps=3", "model.arch.num_layers=2"]
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch):
+    monkeypatch.chdir(ROOT)
+
+
+@pytest.fixture(scope="module")
+def refs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("refs")
+    rgba = Image.new("RGBA", (40, 30), (0, 0, 0, 0))
+    rgba.paste((200, 30, 30, 255), (10, 5, 30, 25))
+    rgba.save(folder / "rgba.png")
+    Image.new("RGB", (50, 80), (20, 120, 240)).save(folder / "photo.jpg", quality=95)
+    Image.fromarray((np.arange(64 * 48).reshape(48, 64) * 20).astype(np.uint16)).save(folder / "grey16.png")
+    with imageio.get_writer(folder / "clip.mp4", fps=4, codec="libx264", macro_block_size=16) as writer:
+        for value in (0, 80, 160, 240):
+            writer.append_data(np.full((32, 32, 3), value, dtype=np.uint8))
+    (folder / "not_an_image.png").write_text("hello")
+    return folder
+
+
+def run(tmp_path, *extra, prompt=None, ref=()):
+    argv = BASE + FAST + [f"output_dir={tmp_path}"] + list(extra)
+    if prompt is not None:
+        argv += ["--prompt", prompt, "--ref", *ref]
+    return sample_video.main(argv)
+
+
+def test_flag_input_writes_a_playable_mp4(tmp_path, refs):
+    assert run(tmp_path, prompt="a red ball", ref=[str(refs / "rgba.png")]) == 0
+    (item,) = list(tmp_path.iterdir())
+    assert item.name == "0_a_red_ball"
+    reader = imageio.get_reader(item / "output.mp4")
+    frames = [f for f in reader]
+    assert len(frames) == 9 and frames[0].shape == (64, 96, 3)
+    assert reader.get_meta_data()["fps"] == 8
+    meta = json.loads((item / "meta.json").read_text())
+    assert meta["seed"] == 1234 and meta["video"] == {"frames": 9, "height": 64, "width": 96, "fps": 8}
+    assert "sampling_num_frames: 3" in meta["config"] and meta["timings"]["total_s"] > 0
+    assert (item / "text.txt").read_text() == "a red ball\n"
+    assert Image.open(item / "subject_0.png").size == (40, 30)  # the original reference, not the letterboxed one
+
+
+def test_same_seed_same_latents_and_rerun_skips(tmp_path, refs, caplog):
+    for out in ("a", "b"):
+        assert run(tmp_path / out, "only_save_latents=true", prompt="a cube", ref=[str(refs / "photo.jpg")]) == 0
+    a = load_file(next((tmp_path / "a").iterdir()) / "latents.safetensors")["latents"]
+    b = load_file(next((tmp_path / "b").iterdir()) / "latents.safetensors")["latents"]
+    assert a.shape == (1, 3, 16, 8, 12) and torch.equal(a, b)
+    assert run(tmp_path / "a", "only_save_latents=true", "seed=7", prompt="a cube", ref=[str(refs / "photo.jpg")]) == 0
+    assert "0 done, 1 skipped" in caplog.text
+
+
+def test_txt_and_jsonl_inputs_with_every_reference_kind(tmp_path, refs):
+    txt = tmp_path / "in.txt"
+    txt.write_text(f"two subjects@@{refs / 'rgba.png'}@@{refs / 'clip.mp4'}#2\nno references at all\n")
+    assert run(tmp_path / "txt", f"input_file={txt}", "only_save_latents=true") == 0
+    assert sorted(p.name for p in (tmp_path / "txt").iterdir()) == ["0_two_subjects", "1_no_references_at_all"]
+    jsonl = tmp_path / "in.jsonl"
+    records = [
+        {"prompt": "a grey thing", "references": [str(refs / "grey16.png"), f"{refs / 'clip.mp4'}#0.5s"], "seed": 5},
+        {"prompt": "a photo", "references": [str(refs / "photo.jpg")]},
+    ]
+    jsonl.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    assert run(tmp_path / "jsonl", f"input_file={jsonl}", "only_save_latents=true") == 0
+    meta = json.loads((tmp_path / "jsonl" / "0_a_grey_thing" / "meta.json").read_text())
+    assert meta["seed"] == 5
+    assert json.loads((tmp_path / "jsonl" / "1_a_photo" / "meta.json").read_text())["seed"] == 1234 + 1
+
+
+def test_bad_inputs_are_reported_and_the_rest_goes_on(tmp_path, refs, caplog):
+    lines = [
+        f"missing@@{refs / 'nope.png'}",
+        f"not an image@@{refs / 'not_an_image.png'}",
+        f"past the end@@{refs / 'clip.mp4'}#99",
+        "",
+        f"too many@@{refs / 'rgba.png'}@@{refs / 'rgba.png'}@@{refs / 'rgba.png'}@@{refs / 'rgba.png'}",
+        "a good one",
+    ]
+    txt = tmp_path / "bad.txt"
+    txt.write_text("\n".join(lines) + "\n")
+    assert run(tmp_path / "out", f"input_file={txt}", "only_save_latents=true") == 1
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["5_a_good_one"]
+    for expected in (
+        "reference file not found",
+        "not a readable image",
+        "is past the end of the clip (4 frames)",
+        "line 4): empty prompt",
+        "4 references, max_references is 3",
+        "1 done, 0 skipped, 5 failed",
+    ):
+        assert expected in caplog.text
+    jsonl = tmp_path / "bad.jsonl"
+    jsonl.write_text('{"prompt": "x", "refs": []}\n{not json\n')
+    assert run(tmp_path / "out2", f"input_file={jsonl}") == 1
+    assert "malformed JSONL line: unknown key(s) ['refs']" in caplog.text
+
+
+def test_config_is_validated_before_models_load(tmp_path):
+    with pytest.raises(SystemExit) as info:
+        run(tmp_path, "sampling_image_size=[60,96]", prompt="x")
+    assert info.value.code == 2
+    with pytest.raises(SystemExit):
+        run(tmp_path, "sequence_parallel_size=2", prompt="x")  # needs torchrun
+
+
+def test_portrait_video_and_two_evaluations_per_step(tmp_path):
+    from sat.config import load_config
+    from sgm.models.engine import Timings
+
+    assert run(tmp_path, "sampling_image_size=[96,64]", prompt="tall") == 0
+    frames = [f for f in imageio.get_reader(next(tmp_path.iterdir()) / "output.mp4")]
+    assert frames[0].shape == (96, 64, 3)
+
+    config = load_config(sample_video.SamplingConfig, BASE[1:], FAST)
+    pipeline = sample_video.build_pipeline(config, torch.device("cpu"), sample_video.ParallelState())
+    batches = []
+    forward = pipeline.dit.forward
+    pipeline.dit.forward = lambda x, *a, **k: batches.append(x.shape[0]) or forward(x, *a, **k)
+    timings = Timings()
+    out = pipeline.generate("a", [Image.new("RGB", (10, 10))], 0, 96, 64, 2, timings)
+    assert out.shape == (1, 2, 16, 12, 8)
+    assert timings.network_calls == 3 and batches == [2, 2, 2]  # one [uncond, cond] batch per step
+
+
+def test_reference_helpers():
+    assert split_selector("clip.mp4#12") == ("clip.mp4", 12, None)
+    assert split_selector("clip.mp4#1.5s") == ("clip.mp4", None, 1.5)
+    assert split_selector("a#b.png") == ("a#b.png", None, None)
+    wide = fit_reference(Image.new("RGB", (200, 50), (0, 0, 0)), 64, 96)
+    assert wide.size == (96, 64)
+    pixels = np.asarray(wide)
+    assert (pixels[0] == 255).all() and (pixels[32] == 0).all()  # 96x24 image centred, white above
+    assert np.asarray(fit_reference(Image.new("RGB", (10, 40)), 64, 96))[:, 0].min() == 255
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("split", ["height", "width"])
+def test_two_process_sequence_parallel_equals_one_process(tmp_path, refs, split):
+    common = BASE + FAST + ["only_save_latents=true", "sampling_image_size=[64,128]", f"sp_split={split}"]
+    common += ["--prompt", "two subjects", "--ref", str(refs / "rgba.png"), str(refs / "photo.jpg")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run(
+        [sys.executable, "sample_video.py", f"output_dir={tmp_path / 'one'}", *common],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert single.returncode == 0, single.stderr[-2000:]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    double = subprocess.run(
+        [*launch, "sample_video.py", f"output_dir={tmp_path / 'two'}", "sequence_parallel_size=2", *common],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert double.returncode == 0, double.stderr[-2000:]
+    a = load_file(next((tmp_path / "one").iterdir()) / "latents.safetensors")["latents"]
+    b = load_file(next((tmp_path / "two").iterdir()) / "latents.safetensors")["latents"]
+    assert (a - b).abs().max() <= 1e-5 * a.abs().max()
+
+
+def test_reference_loading_modes(refs):
+    assert load_reference(str(refs / "rgba.png")).getpixel((0, 0)) == (255, 255, 255)  # alpha on white
+    assert load_reference(str(refs / "grey16.png")).mode == "RGB"
+    frame = np.asarray(load_reference(f"{refs / 'clip.mp4'}#3"))
+    assert abs(int(frame.mean()) - 240) < 12
