@@ -227,7 +227,10 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device(config.device)
     parallel = init_parallel(config.sequence_parallel_size, device)
     torch.manual_seed(config.seed)  # random weights (no checkpoint) are the same on every rank and run
-    pipeline = build_pipeline(config, device, parallel)
+    try:
+        pipeline = build_pipeline(config, device, parallel)
+    except (ValueError, FileNotFoundError) as exc:
+        parser.exit(2, f"error: {exc}\n")
     height, width = config.sampling_image_size
     out_dir = Path(config.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
