@@ -114,12 +114,30 @@ def token_offset(local_shape: tuple[int, ...], dim: int, state: ParallelState) -
     return (tokens, 0) if dim == 3 else (0, tokens)
 
 
-def _all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group) -> torch.Tensor:
+def _exchange_chunks(x: torch.Tensor, scatter_dim: int, gather_dim: int, group) -> torch.Tensor:
     size = dist.get_world_size(group)
     inputs = [t.contiguous() for t in x.chunk(size, dim=scatter_dim)]
     outputs = [torch.empty_like(inputs[0]) for _ in range(size)]
     dist.all_to_all(outputs, inputs, group=group)
     return torch.cat(outputs, dim=gather_dim)
+
+
+class _AllToAll(torch.autograd.Function):
+    """All-to-all with its gradient: the inverse all-to-all (scatter and gather dims swapped)."""
+
+    @staticmethod
+    def forward(ctx, x, scatter_dim, gather_dim, group):
+        ctx.dims, ctx.group = (scatter_dim, gather_dim), group
+        return _exchange_chunks(x, scatter_dim, gather_dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        scatter_dim, gather_dim = ctx.dims
+        return _exchange_chunks(grad, gather_dim, scatter_dim, ctx.group), None, None, None
+
+
+def _all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group) -> torch.Tensor:
+    return _AllToAll.apply(x, scatter_dim, gather_dim, group)
 
 
 class UlyssesAttention:

@@ -1,0 +1,173 @@
+"""Training-loop pieces around DeepSpeed: optimizer groups, the release's learning-rate warm-up,
+the DeepSpeed config, ZeRO-3 parameter registration, checkpoint housekeeping, memory estimates.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sgm.modules.dit import RMSNorm
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 5e-6
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 1e-4  # not on biases and norm parameters
+    gradient_clipping: float = 0.1
+
+
+@dataclass
+class ScheduleConfig:
+    style: str = "constant"  # constant | cosine (after the warm-up)
+    warmup_fraction: float = 0.01  # of train_iters (SAT's default 1 %)
+    release_warmup: bool = True  # the release's fine-tune warm-up: min(0.05, n / warmup) for n <= 2·warmup
+    min_lr_fraction: float = 0.0  # cosine floor
+
+
+def lr_factor(step: int, train_iters: int, schedule: ScheduleConfig) -> float:
+    """Learning-rate multiplier of optimizer step ``step`` (1-based).
+
+    Release (SAT AnnealingLR "constant", warm-up 1 % = 50 of 5000, plus the fine-tune warm-up):
+    ``min(0.05, n/50)`` for n <= 100 (0.02, 0.04, then 0.05), then 1.0.
+    """
+    warmup = max(1, int(schedule.warmup_fraction * train_iters)) if schedule.warmup_fraction > 0 else 0
+    if schedule.release_warmup and warmup and step <= 2 * warmup:
+        return min(0.05, step / warmup)
+    if warmup and step <= warmup:
+        return step / warmup
+    if schedule.style == "constant":
+        return 1.0
+    if schedule.style == "cosine":
+        progress = min(1.0, (step - warmup) / max(1, train_iters - warmup))
+        floor = schedule.min_lr_fraction
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    raise ValueError(f"schedule.style must be constant or cosine, got '{schedule.style}'")
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on weights and modulation offsets, none on biases and norm parameters."""
+    norms = tuple(m for m in model.modules() if isinstance(m, (nn.LayerNorm, RMSNorm)))
+    no_decay_ids = {id(p) for m in norms for p in m.parameters(recurse=False)}
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.endswith(".bias") or id(param) in no_decay_ids:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def deepspeed_config(
+    micro_batch_size: int,
+    gradient_accumulation: int,
+    world_size: int,
+    zero_stage: int,
+    gradient_clipping: float,
+    bf16: bool,
+) -> dict:
+    if zero_stage not in (1, 2, 3):
+        raise ValueError(f"zero_stage must be 1, 2 or 3, got {zero_stage}")
+    zero = {"stage": zero_stage}
+    if zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation,
+        "train_batch_size": micro_batch_size * gradient_accumulation * world_size,
+        "gradient_clipping": gradient_clipping,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "fp16": {"enabled": False},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def register_zero3_parameters(model: nn.Module) -> None:
+    """Tell ZeRO-3 which parameters a module's forward reads from its children directly.
+
+    The DiT reads the weights of some Linear/LayerNorm children (split projections, bias added
+    after the matmul) and the per-layer modulation offsets without calling those modules, so
+    ZeRO-3's per-module gathering must also fetch them for the parent.
+    """
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    for module in model.modules():
+        for child in module.children():
+            if isinstance(child, (nn.Linear, nn.LayerNorm, nn.ParameterList)):
+                for param in child.parameters():
+                    register_external_parameter(module, param)
+    for layer_params in model.mixins["adaln_layer"].adaLN_modulations:
+        register_external_parameter(model, layer_params)
+
+
+def prune_checkpoints(save_dir: Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` numbered checkpoint folders; returns what was removed."""
+    numbered = sorted((p for p in save_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    removed = numbered[:-keep_last] if keep_last > 0 else []
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Per-GPU bytes of one training setup (mixed bf16 / fp32 Adam, as the release)."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    activations_checkpointed: float
+    activations_full: float
+
+
+def estimate_memory(
+    parameters: int,
+    num_layers: int,
+    hidden: int,
+    ffn: int,
+    tokens: int,
+    world_size: int,
+    sp_size: int,
+    zero_stage: int,
+) -> MemoryEstimate:
+    """Rough per-GPU memory: bf16 weights (2 B), bf16 gradients (2 B), fp32 master + Adam m, v (12 B),
+    partitioned by ZeRO over all ``world_size`` ranks; activations for ``tokens / sp_size`` tokens.
+
+    Activations per layer kept for backward ≈ tokens × (16·D + 3·FFN) × 2 B (norm outputs, q/k/v,
+    attention output, residuals, the MLP's hidden and GELU output); with checkpointing only each
+    layer's input (tokens × D × 2 B) plus one layer's full set.
+    """
+    local = tokens / sp_size
+    weights = 2 * parameters / (world_size if zero_stage == 3 else 1)
+    gradients = 2 * parameters / (world_size if zero_stage >= 2 else 1)
+    optimizer = 12 * parameters / world_size
+    per_layer = local * (16 * hidden + 3 * ffn) * 2
+    return MemoryEstimate(
+        weights=weights,
+        gradients=gradients,
+        optimizer=optimizer,
+        activations_checkpointed=num_layers * local * hidden * 2 + per_layer,
+        activations_full=num_layers * per_layer,
+    )
+
+
+def gib(x: float) -> str:
+    return f"{x / 2**30:.1f}"
+
+
+def device_for(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

@@ -1,0 +1,197 @@
+"""Training: data, learning-rate schedule, weight decay, DeepSpeed runs, resume, SP, checkpoints."""
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import data_video
+from data_video import DataConfig, VideoDataset, select_frames
+from sat.training import ScheduleConfig, estimate_memory, lr_factor, parameter_groups, prune_checkpoints
+from sgm.registry import build_dit
+from tests.helpers import make_video_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ["train_video_concat.py", "--config", "configs/model/kaleido_tiny.yaml", "configs/training/tiny.yaml"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_video_dataset(tmp_path_factory.mktemp("data"), count=4)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+    launch += ["--master_port", str(free_port())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([*launch, *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def losses(save: Path) -> list[float]:
+    with open(save / "train_log.csv") as f:
+        return [float(row["loss"]) for row in csv.DictReader(f)]
+
+
+def test_release_learning_rate_warmup():
+    release = ScheduleConfig(style="constant", warmup_fraction=0.01, release_warmup=True)
+    factors = [lr_factor(n, 5000, release) for n in (1, 2, 3, 50, 100, 101, 4000)]
+    assert factors == pytest.approx([0.02, 0.04, 0.05, 0.05, 0.05, 1.0, 1.0])
+    cosine = ScheduleConfig(style="cosine", warmup_fraction=0.1, release_warmup=False, min_lr_fraction=0.1)
+    assert lr_factor(5, 100, cosine) == pytest.approx(0.5)
+    assert lr_factor(10, 100, cosine) == pytest.approx(1.0)
+    assert lr_factor(100, 100, cosine) == pytest.approx(0.1)
+    assert lr_factor(55, 100, cosine) == pytest.approx(0.1 + 0.9 * 0.5)
+
+
+def test_weight_decay_spares_biases_and_norms():
+    model = build_dit({"num_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "inner_hidden_size": 64})
+    decay, no_decay = parameter_groups(model, 1e-4)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    spared = {names[id(p)] for p in no_decay["params"]}
+    assert "transformer.layers.0.attention.query_key_value.weight" in decayed
+    assert "mixins.adaln_layer.adaLN_modulations.0" in decayed
+    assert "transformer.layers.0.attention.query_key_value.bias" in spared
+    assert "transformer.layers.0.post_cross_attention_layernorm.weight" in spared
+    assert "mixins.adaln_layer.query_layernorm_list.0.weight" in spared
+    assert len(decayed) + len(spared) == len(list(model.parameters()))
+
+
+def test_frame_selection_rule():
+    assert select_frames(100, 16, 16, 9) == list(range(3, 12))  # skip 3, native fps
+    assert select_frames(100, 32, 16, 5) == [3, 5, 7, 9, 11]  # resample 32 -> 16 fps
+    assert select_frames(30, 32, 8, 9) == [3, 5, 8, 11, 14, 17, 20, 23, 26]  # too short for 8 fps: stride over all
+    assert select_frames(7, 16, 16, 9) == [0, 1, 2, 3, 4, 4, 4, 4, 4]  # 5 = largest 4k+1, padded with the last
+
+
+def test_dataset_batches_order_sharding_and_bad_samples(dataset, tmp_path, caplog):
+    config = DataConfig(root=str(dataset), height=32, width=48, num_frames=5, fps=8, max_references=3)
+    batch = next(iter(VideoDataset(config, batch_size=1)))
+    assert batch["mp4"].shape == (1, 5, 3, 32, 48) and batch["mp4"].dtype == torch.float32
+    assert batch["mp4"].min() >= -1 and batch["mp4"].max() <= 1
+    assert batch["subject_images"].shape[2:] == (3, 32, 48) and batch["txt"][0].startswith("the object moves right")
+    assert batch["fps"].tolist() == [8] and batch["num_frames"].tolist() == [5]
+    ranks = [VideoDataset(config, rank=r, world_size=2).order(0) for r in (0, 1)]
+    assert sorted(ranks[0] + ranks[1]) == sorted(f"clip{i:03d}" for i in range(4)) and not set(ranks[0]) & set(ranks[1])
+    assert VideoDataset(config).order(3) == VideoDataset(config).order(3) != VideoDataset(config).order(4)
+
+    broken = make_video_dataset(tmp_path / "broken", count=3)
+    (broken / "videos" / "clip000.mp4").write_bytes(b"not a video")
+    for ref in (broken / "references" / "clip001").iterdir():
+        ref.unlink()
+    config = DataConfig(root=str(broken), height=32, width=32, num_frames=5, fps=8)
+    batches = [b for _, b in zip(range(3), VideoDataset(config, batch_size=1), strict=False)]
+    assert sum(b["skipped"] for b in batches) == 2 and sum(b["size"] for b in batches) == 1
+    assert "clip000" in caplog.text and "cannot decode" in caplog.text and "no reference images" in caplog.text
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    result = subprocess.run(
+        [sys.executable, *TRAIN, f"data.root={tmp_path / 'nothing'}"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "has no videos/ folder" in result.stderr
+    with pytest.raises(FileNotFoundError, match="holds no .mp4"):
+        (tmp_path / "videos").mkdir()
+        VideoDataset(DataConfig(root=str(tmp_path)))
+
+
+def test_checkpoint_pruning(tmp_path):
+    for name in ("10", "20", "30", "latest_dummy"):
+        (tmp_path / name).mkdir()
+    removed = prune_checkpoints(tmp_path, keep_last=2)
+    assert [p.name for p in removed] == ["10"] and sorted(p.name for p in tmp_path.iterdir())[:2] == ["20", "30"]
+
+
+def test_dry_run_prints_memory_table():
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train_video_concat.py",
+            "--config",
+            "configs/model/kaleido_14b.yaml",
+            "configs/training/kaleido_14b_concat.yaml",
+            "--dry-run",
+            "--world-size",
+            "8",
+            "64",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "14,288,491,584 parameters" in result.stdout and "| 64 | 3 |" in result.stdout
+    m = estimate_memory(14_288_491_584, 40, 5120, 13824, 1000, 8, 1, 2)
+    assert m.weights == 2 * 14_288_491_584 and m.optimizer == 12 * 14_288_491_584 / 8
+
+
+@pytest.mark.distributed
+def test_two_process_training_lowers_the_loss_and_samples(dataset, tmp_path):
+    save = tmp_path / "run"
+    torchrun(*TRAIN, f"data.root={dataset}", "train_iters=24", "save_interval=12", f"save={save}")
+    values = losses(save)
+    assert len(values) == 24
+    assert sum(values[-6:]) / 6 < 0.8 * sum(values[:6]) / 6
+    assert (save / "latest").read_text().strip() == "24" and (save / "24" / "mp_rank_00_model_states.pt").is_file()
+    assert "model.diffusion_model" in (save / "config.yaml").read_text() or (save / "config.yaml").is_file()
+    import sample_video
+
+    out = tmp_path / "samples"
+    argv = [
+        "--config",
+        "configs/model/kaleido_tiny.yaml",
+        "configs/sampling/tiny.yaml",
+        f"load={save}",
+        f"output_dir={out}",
+        "num_steps=2",
+        "--prompt",
+        "the object moves right",
+        "--ref",
+        str(dataset / "references" / "clip000" / "ref1.png"),
+    ]
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        assert sample_video.main(argv) == 0
+    finally:
+        os.chdir(cwd)
+    assert (next(out.iterdir()) / "output.mp4").is_file()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resume_gives_the_uninterrupted_losses(dataset, tmp_path, stage):
+    common = [*TRAIN, f"data.root={dataset}", f"zero_stage={stage}"]
+    torchrun(*common, "train_iters=6", "save_interval=100", f"save={tmp_path / 'whole'}")
+    torchrun(*common, "train_iters=3", "save_interval=3", f"save={tmp_path / 'split'}")
+    torchrun(*common, "train_iters=6", "save_interval=3", f"save={tmp_path / 'split'}")
+    whole, split = losses(tmp_path / "whole"), losses(tmp_path / "split")
+    assert len(whole) == len(split) == 6
+    assert max(abs(a - b) for a, b in zip(whole, split, strict=True)) <= 1e-6
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("split", ["height", "width"])
+def test_sequence_parallel_loss_and_gradients_equal_one_process(split):
+    result = torchrun("tests/sp_gradient_check.py", split)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["dim"] == (3 if split == "height" else 4)
+    assert report["loss"] <= 1e-5 and report["grad"] <= 1e-5
+
+
+def test_module_docstring_mentions_the_layout():
+    assert "labels/<id>.txt" in data_video.__doc__

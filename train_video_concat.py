@@ -1,0 +1,337 @@
+"""Train or fine-tune the Kaleido DiT with DeepSpeed.
+
+    torchrun --nproc_per_node N train_video_concat.py \
+        --config configs/model/X.yaml configs/training/Y.yaml [key=value ...]
+    python train_video_concat.py --config ... --dry-run --world-size 8 16 64
+
+Each micro-batch: the video and every reference are VAE-encoded (references one frame each),
+captions encoded with 10 % dropped to "" (the decision seeded by step and data rank, identical on
+a sequence-parallel group); σ logit-normal with the resolution shift and ε drawn from a generator
+seeded by (seed, step, data rank), so every rank of a group draws the same; the rectified-flow
+MSE on the velocity. VAE and text encoder are frozen and outside the optimizer.
+
+Checkpoints: ``<save>/<iteration>/mp_rank_00_model_states.pt`` with the DiT under ``module`` as
+``model.diffusion_model.*`` (what ``sample_video.py load=<save>`` reads) plus DeepSpeed's optimizer
+and scheduler states, and ``<save>/latest`` written last. A run resumes from ``<save>/latest`` when
+present (data position included); otherwise it starts from ``load`` (strict) or from scratch.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from data_video import DataConfig, VideoDataset
+from sat.arguments import config_parser, parse_config
+from sat.config import to_yaml
+from sat.parallel import enable_sequence_parallel, init_parallel, shard, split_dim, token_offset
+from sat.training import (
+    OptimizerConfig,
+    ScheduleConfig,
+    deepspeed_config,
+    device_for,
+    estimate_memory,
+    gib,
+    lr_factor,
+    parameter_groups,
+    prune_checkpoints,
+    register_zero3_parameters,
+)
+from sgm.checkpoint import SAT_MODEL_FILE, load_dit_state_dict, read_dit_checkpoint
+from sgm.diffusion.loss import rf_loss, training_sigmas
+from sgm.models.wan_vae import VAEConfig, build_vae
+from sgm.modules.encoders.conditioner import TextConditioner
+from sgm.modules.encoders.text import TextEncoderConfig, build_text_encoder
+from sgm.registry import ModelConfig, build_dit_from_config, count_parameters, resolve_dtype
+
+log = logging.getLogger("train")
+
+
+@dataclass
+class TrainingConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train_iters: int = 5000  # optimizer steps
+    micro_batch_size: int = 1
+    gradient_accumulation: int = 8
+    zero_stage: int = 2
+    sequence_parallel_size: int = 1
+    sp_split: str = "auto"
+    ucg_rate: float = 0.1
+    load: str | None = None  # initial DiT weights (SAT folder or file), loaded strictly
+    save: str = "checkpoints/kaleido"
+    save_interval: int = 100
+    keep_last: int = 3
+    log_interval: int = 1
+    seed: int = 0
+    device: str = "auto"
+
+
+class DiffusionEngine(nn.Module):
+    """Holds the DiT at ``model.diffusion_model`` so saved keys read ``model.diffusion_model.*`` (SAT)."""
+
+    def __init__(self, dit: nn.Module):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.diffusion_model = dit
+
+    def forward(self, x, timesteps, context, subjects, token_offset=(0, 0)):
+        return self.model.diffusion_model(x, timesteps, context, subjects, token_offset=token_offset)
+
+
+def step_generator(seed: int, step: int, data_rank: int) -> torch.Generator:
+    """The same generator on every rank of a sequence-parallel group (noise and σ are shared)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 65_537 + data_rank)
+
+
+def save_consolidated(engine, folder: Path, rank: int) -> None:
+    """ZeRO-3: write the full DiT as ``<folder>/mp_rank_00_model_states.pt`` (``module`` key, SAT layout)."""
+    target = folder / SAT_MODEL_FILE
+    engine.save_16bit_model(str(folder), f"{SAT_MODEL_FILE}.tmp")
+    if rank == 0:
+        state = torch.load(folder / f"{SAT_MODEL_FILE}.tmp", map_location="cpu", weights_only=True)
+        torch.save({"module": state}, folder / f"{SAT_MODEL_FILE}.part")
+        os.replace(folder / f"{SAT_MODEL_FILE}.part", target)
+        (folder / f"{SAT_MODEL_FILE}.tmp").unlink()
+    dist.barrier()
+
+
+def dry_run(config: TrainingConfig, world_sizes: list[int]) -> None:
+    dit = build_dit_from_config(config.model, device="meta")
+    arch = dit.config
+    params = count_parameters(dit)
+    latent_h, latent_w = config.data.height // 8, config.data.width // 8
+    frames = (config.data.num_frames - 1) // 4 + 1
+    tokens = (frames + config.data.max_references) * (latent_h // 2) * (latent_w // 2)
+    print(f"{config.model.name}: {params:,} parameters, {arch.num_layers} layers x {arch.hidden_size}")
+    print(
+        f"sample: {config.data.height}x{config.data.width}, {config.data.num_frames} frames + "
+        f"{config.data.max_references} references = {tokens:,} tokens; "
+        f"sequence parallel {config.sequence_parallel_size}"
+    )
+    print(
+        "| GPUs | ZeRO | weights | gradients | optimizer | activations (ckpt) | activations (no ckpt) "
+        "| total (ckpt) GiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for world in world_sizes:
+        for stage in (2, 3):
+            m = estimate_memory(
+                params,
+                arch.num_layers,
+                arch.hidden_size,
+                arch.inner_hidden_size,
+                tokens * config.micro_batch_size,
+                world,
+                config.sequence_parallel_size,
+                stage,
+            )
+            total = m.weights + m.gradients + m.optimizer + m.activations_checkpointed
+            print(
+                f"| {world} | {stage} | {gib(m.weights)} | {gib(m.gradients)} | {gib(m.optimizer)} | "
+                f"{gib(m.activations_checkpointed)} | {gib(m.activations_full)} | {gib(total)} |"
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = config_parser(__doc__)
+    parser.add_argument("--dry-run", action="store_true", help="build on the meta device, print sizes and memory")
+    parser.add_argument("--world-size", type=int, nargs="+", default=[8, 16, 64], help="GPU counts for --dry-run")
+    args, config = parse_config(parser, TrainingConfig, argv)
+    if args.dry_run:
+        dry_run(config, args.world_size)
+        return 0
+    try:
+        dataset_probe = VideoDataset(config.data)  # a missing or empty root fails before anything starts
+    except (FileNotFoundError, ValueError) as exc:
+        parser.exit(2, f"error: {exc}\n")
+    del dataset_probe
+
+    import deepspeed
+
+    device = device_for(config.device)
+    parallel = init_parallel(config.sequence_parallel_size, device)
+    if not dist.is_initialized():  # DeepSpeed needs a process group, even for one process
+        for key, value in (
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", "29511"),
+            ("RANK", "0"),
+            ("LOCAL_RANK", "0"),
+            ("WORLD_SIZE", "1"),
+        ):
+            os.environ.setdefault(key, value)
+        dist.init_process_group("gloo" if device.type == "cpu" else "nccl", rank=0, world_size=1)
+    dtype = resolve_dtype(config.model.dtype)
+    torch.manual_seed(config.seed)
+
+    dit = build_dit_from_config(config.model, device="meta" if config.load else device)
+    if config.load:
+        load_dit_state_dict(dit, read_dit_checkpoint(config.load), assign=True)
+        dit = dit.to(device)
+        log.info("initialised the DiT from %s", config.load)
+    enable_sequence_parallel(dit, parallel)
+    if config.zero_stage == 3:
+        register_zero3_parameters(dit)
+    vae = build_vae(config.vae, device)
+    conditioner = TextConditioner(build_text_encoder(config.text_encoder, device), config.ucg_rate, config.seed)
+
+    optimizer = torch.optim.AdamW(
+        parameter_groups(dit, config.optimizer.weight_decay),
+        lr=config.optimizer.lr,
+        betas=tuple(config.optimizer.betas),
+        eps=config.optimizer.eps,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda k: lr_factor(k + 1, config.train_iters, config.schedule)
+    )
+    ds_config = deepspeed_config(
+        config.micro_batch_size,
+        config.gradient_accumulation,
+        parallel.world_size,
+        config.zero_stage,
+        config.optimizer.gradient_clipping,
+        bf16=dtype == torch.bfloat16,
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=DiffusionEngine(dit),
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=ds_config,
+        dist_init_required=False,
+    )
+
+    save_dir = Path(config.save)
+    iteration, data_epoch, data_chunk = 0, 0, 0
+    if (save_dir / "latest").is_file():
+        _, client = engine.load_checkpoint(str(save_dir), load_module_strict=True)
+        iteration, data_epoch, data_chunk = client["iteration"], client["data_epoch"], client["data_chunk"] + 1
+        log.info("resumed from %s at iteration %d", save_dir, iteration)
+    if parallel.rank == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        (save_dir / "config.yaml").write_text(to_yaml(config))
+
+    dataset = VideoDataset(
+        config.data, config.micro_batch_size, parallel.dp_rank, parallel.dp_size, data_epoch, data_chunk
+    )
+    loader = iter(
+        torch.utils.data.DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=config.data.num_workers,
+            persistent_workers=config.data.num_workers > 0,
+        )
+    )
+    latent_h, latent_w = config.data.height // 8, config.data.width // 8
+    sp_dim = split_dim(latent_h, parallel.sp_size, config.sp_split)
+
+    def micro_step_loss(batch: dict, micro_step: int) -> torch.Tensor:
+        with torch.no_grad():
+            x0 = vae.encode(batch["mp4"].to(device).transpose(1, 2))  # [B, T, C, h, w]
+            subjects = vae.encode_references(batch["subject_images"].to(device))
+            context = conditioner(batch["txt"], step=micro_step, data_rank=parallel.dp_rank)[0]["crossattn"]
+        generator = step_generator(config.seed, micro_step, parallel.dp_rank)
+        sigmas = training_sigmas(x0.shape[0], latent_h, latent_w, generator)
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        x0, noise, subjects = (shard(t, sp_dim, parallel) for t in (x0, noise, subjects))
+        offset = token_offset(tuple(x0.shape), sp_dim, parallel)
+        network = lambda x, t, c, s: engine(x, t, c.to(dtype), s, token_offset=offset)  # noqa: E731
+        return rf_loss(network, x0, noise, sigmas, context, subjects)
+
+    csv_file = save_dir / "train_log.csv"
+    writer = None
+    if parallel.rank == 0:
+        new = not csv_file.exists()
+        handle = open(csv_file, "a", newline="")  # noqa: SIM115 (closed at the end)
+        writer = csv.writer(handle)
+        if new:
+            writer.writerow(["iteration", "loss", "lr", "grad_norm", "samples_per_s", "skipped"])
+    skipped_total = 0
+    start_time = time.perf_counter()
+    bar = tqdm(
+        range(iteration, config.train_iters),
+        desc="train",
+        disable=parallel.rank != 0,
+        initial=iteration,
+        total=config.train_iters,
+    )
+    for iteration in bar:
+        losses, samples, skipped = [], 0, 0
+        step_start = time.perf_counter()
+        for micro in range(config.gradient_accumulation):
+            batch = next(loader)
+            skipped += batch["skipped"]
+            while batch["size"] == 0:
+                batch = next(loader)
+                skipped += batch["skipped"]
+            data_epoch, data_chunk = batch["epoch"], batch["chunk"]
+            loss = micro_step_loss(batch, iteration * config.gradient_accumulation + micro)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.detach())
+            samples += batch["size"]
+        mean_loss = torch.stack(losses).mean()
+        if parallel.world_size > 1:
+            dist.all_reduce(mean_loss)
+            mean_loss /= parallel.world_size
+        skipped_total += skipped
+        grad_norm = engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        lr = scheduler.get_last_lr()[0]
+        rate = samples * parallel.dp_size / (time.perf_counter() - step_start)
+        if writer is not None and (iteration + 1) % config.log_interval == 0:
+            writer.writerow(
+                [
+                    iteration + 1,
+                    f"{mean_loss.item():.6f}",
+                    f"{lr:.3e}",
+                    f"{grad_norm:.4f}",
+                    f"{rate:.3f}",
+                    skipped_total,
+                ]
+            )
+            handle.flush()
+            bar.set_postfix(
+                loss=f"{mean_loss.item():.4f}", lr=f"{lr:.2e}", grad=f"{grad_norm:.3f}", samples_s=f"{rate:.2f}"
+            )
+        if (iteration + 1) % config.save_interval == 0 or iteration + 1 == config.train_iters:
+            client = {"iteration": iteration + 1, "data_epoch": data_epoch, "data_chunk": data_chunk}
+            if config.zero_stage == 3:  # gather the partitioned weights into the file samplers read
+                save_consolidated(engine, save_dir / str(iteration + 1), parallel.rank)
+            engine.save_checkpoint(str(save_dir), tag=str(iteration + 1), client_state=client)  # 'latest' last
+            if parallel.rank == 0:
+                prune_checkpoints(save_dir, config.keep_last)
+    if parallel.rank == 0:
+        log.info(
+            "trained to iteration %d in %.1f s; %d bad samples skipped; checkpoints in %s",
+            config.train_iters,
+            time.perf_counter() - start_time,
+            skipped_total,
+            save_dir,
+        )
+        handle.close()
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Ends the process without interpreter teardown: DeepSpeed ZeRO-3 threads occasionally abort
+    # at exit otherwise (environment.md §3).
+    os._exit(code)
