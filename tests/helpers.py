@@ -58,30 +58,3 @@ def tiny_umt5(vocab_size: int, seed: int = 0) -> UMT5EncoderModel:
     )
     torch.manual_seed(seed)
     return UMT5EncoderModel(config).eval()
-
-
-def make_video_dataset(root: Path, count: int = 4, frames: int = 12, size: int = 64, fps: int = 8) -> Path:
-    """A dataset in the release layout: moving coloured squares, captions, 1-2 references each."""
-    import imageio.v2 as imageio
-    import numpy as np
-    from PIL import Image
-
-    for folder in ("labels", "videos", "references"):
-        (root / folder).mkdir(parents=True, exist_ok=True)
-    colours = [(220, 40, 40), (40, 200, 60), (40, 70, 220), (230, 200, 40)]
-    for i in range(count):
-        sample = f"clip{i:03d}"
-        colour = colours[i % len(colours)]
-        with imageio.get_writer(root / "videos" / f"{sample}.mp4", fps=fps, codec="libx264", macro_block_size=16) as w:
-            for t in range(frames):
-                frame = np.full((size, size, 3), 90, dtype=np.uint8)
-                x = 4 + (t * 3 + 7 * i) % (size - 20)
-                frame[20:36, x : x + 16] = colour
-                w.append_data(frame)
-        (root / "labels" / f"{sample}.txt").write_text(f"the object moves right {i}\nsecond line is ignored\n")
-        refs = root / "references" / sample
-        refs.mkdir(exist_ok=True)
-        Image.new("RGB", (24, 24), colour).save(refs / "ref1.png")
-        if i % 2:
-            Image.new("RGB", (20, 30), colours[(i + 1) % len(colours)]).save(refs / "ref2.png")
-    return root

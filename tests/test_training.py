@@ -15,7 +15,7 @@ import data_video
 from data_video import DataConfig, VideoDataset, select_frames
 from sat.training import ScheduleConfig, estimate_memory, lr_factor, parameter_groups, prune_checkpoints
 from sgm.registry import build_dit
-from tests.helpers import make_video_dataset
+from tools.make_toy_videos import make_video_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ["train_video_concat.py", "--config", "configs/model/kaleido_tiny.yaml", "configs/training/tiny.yaml"]
