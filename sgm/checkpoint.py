@@ -8,6 +8,7 @@ them all, sorted (the release loads with ``strict=False`` and silently re-initia
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +117,7 @@ def load_dit_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]
 # SAT/DeepSpeed checkpoints carry numpy RNG states next to the weights: plain data, allowed.
 _NUMPY_DATA_TYPES = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype("uint32"))]
 SAT_MODEL_FILE = "mp_rank_00_model_states.pt"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -128,10 +130,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     latest = path / "latest"
     if latest.is_file():
         path = path / latest.read_text().strip()
-    for name in (SAT_MODEL_FILE, "model.safetensors"):
+    for name in (SAT_MODEL_FILE, SAFETENSORS_INDEX, "model.safetensors"):
         if (path / name).is_file():
             return path / name
-    raise FileNotFoundError(f"{path}: no {SAT_MODEL_FILE} or model.safetensors (and no 'latest' file)")
+    raise FileNotFoundError(f"{path}: no {SAT_MODEL_FILE}, {SAFETENSORS_INDEX} or model.safetensors")
 
 
 def read_dit_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
@@ -151,6 +153,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"{path}: checkpoint file not found")
     if path.suffix == ".safetensors":
         return safetensors.torch.load_file(str(path))
+    if path.name.endswith(".safetensors.index.json"):
+        weight_map = json.loads(path.read_text())["weight_map"]
+        out: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            out.update(safetensors.torch.load_file(str(path.parent / shard)))
+        return out
     with torch.serialization.safe_globals(_NUMPY_DATA_TYPES):
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

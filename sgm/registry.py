@@ -33,6 +33,16 @@ ARCHITECTURES: dict[str, DiTConfig] = {
         patch_size=(1, 2, 2),
         layernorm_epsilon=1e-6,
     ),
+    # Wan2.1-T2V-1.3B's shape with Kaleido's subject tokens: no released Kaleido weights; for
+    # fine-tuning from Wan2.1-1.3B and for mid-size benchmarks.
+    "kaleido-1.3b": DiTConfig(
+        num_layers=30,
+        hidden_size=1536,
+        num_attention_heads=12,
+        inner_hidden_size=8960,
+        time_freq_dim=256,
+        text_dim=4096,
+    ),
     "kaleido-tiny": DiTConfig(
         num_layers=4,
         hidden_size=128,

@@ -25,12 +25,11 @@ invent tensors: every input key must be consumed.
 
 from __future__ import annotations
 
-import functools
-import re
 from collections.abc import Mapping
 
 import torch
 
+from sgm.convert.keymap import KeyMap
 from sgm.modules.dit import DiTConfig
 
 # Plain one-to-one renames (Kaleido name -> diffusers name); "{i}" is a layer index.
@@ -66,79 +65,17 @@ _FUSED: dict[str, tuple[str, ...]] = {
     "transformer.layers.{i}.cross_attention.key_value": ("blocks.{i}.attn2.to_k", "blocks.{i}.attn2.to_v"),
 }
 
-
-@functools.cache
-def _pattern(template: str) -> re.Pattern:
-    body = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)")
-    return re.compile("^" + body + r"(?P<suffix>\.weight|\.bias)?$")
-
-
-def _split_key(key: str, templates: Mapping[str, object]) -> tuple[str, str | None, str] | None:
-    """(template, layer index or None, ``.weight``/``.bias``/"") of the template matching ``key``."""
-    for template in templates:
-        match = _pattern(template).match(key)
-        if match:
-            groups = match.groupdict()
-            return template, groups.get("i"), groups["suffix"] or ""
-    return None
-
-
-def _fill(template: str, index: str | None) -> str:
-    return template if index is None else template.replace("{i}", index)
+DIFFUSERS = KeyMap("diffusers", _RENAMES, _FUSED)
 
 
 def kaleido_to_diffusers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename a Kaleido DiT state dict (no engine prefix) to diffusers ``WanTransformer3DModel`` keys."""
-    out: dict[str, torch.Tensor] = {}
-    unknown = []
-    for key, tensor in state_dict.items():
-        found = _split_key(key, _RENAMES)
-        if found:
-            template, index, suffix = found
-            out[_fill(_RENAMES[template], index) + suffix] = tensor
-            continue
-        found = _split_key(key, _FUSED)
-        if found:
-            template, index, suffix = found
-            targets = _FUSED[template]
-            for target, part in zip(targets, tensor.chunk(len(targets), dim=0), strict=True):
-                out[_fill(target, index) + suffix] = part.clone()
-            continue
-        unknown.append(key)
-    if unknown:
-        raise KeyError(f"no diffusers name for Kaleido key(s): {sorted(unknown)}")
-    return out
+    return DIFFUSERS.from_kaleido(state_dict)
 
 
 def diffusers_to_kaleido(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Inverse of ``kaleido_to_diffusers``: fused tensors are rebuilt from their row blocks."""
-    reverse = {v: k for k, v in _RENAMES.items()}
-    out: dict[str, torch.Tensor] = {}
-    pending: dict[str, dict[str, torch.Tensor]] = {}
-    unknown = []
-    part_of = {part: (fused, n) for fused, parts in _FUSED.items() for n, part in enumerate(parts)}
-    for key, tensor in state_dict.items():
-        found = _split_key(key, reverse)
-        if found:
-            template, index, suffix = found
-            out[_fill(reverse[template], index) + suffix] = tensor
-            continue
-        found = _split_key(key, part_of)
-        if found:
-            template, index, suffix = found
-            fused, position = part_of[template]
-            pending.setdefault(_fill(fused, index) + suffix, {})[position] = tensor
-            continue
-        unknown.append(key)
-    if unknown:
-        raise KeyError(f"no Kaleido name for diffusers key(s): {sorted(unknown)}")
-    for key, parts in pending.items():
-        template = _split_key(key, _FUSED)[0]
-        count = len(_FUSED[template])
-        if sorted(parts) != list(range(count)):
-            raise KeyError(f"{key}: found {len(parts)} of the {count} row blocks it is fused from")
-        out[key] = torch.cat([parts[n] for n in range(count)], dim=0)
-    return out
+    return DIFFUSERS.to_kaleido(state_dict)
 
 
 def diffusers_config(config: DiTConfig) -> dict:

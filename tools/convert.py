@@ -1,0 +1,124 @@
+"""Weight converters between the Kaleido (SAT) layout, Wan2.1's and diffusers'.
+
+    python tools/convert.py wan2kaleido --input Wan2.1-T2V-14B --output ckpt_14b [--model kaleido-14b]
+    python tools/convert.py diffusers2kaleido --input wan_diffusers/transformer --output ckpt_14b
+    python tools/convert.py kaleido2safetensors --input Kaleido-14B-S2V/model --output kaleido.safetensors
+    python tools/convert.py kaleido2diffusers --input Kaleido-14B-S2V/model --output kaleido_diffusers/
+
+Inputs are a file, a SAT folder (``latest``), or a folder of (sharded, indexed) safetensors/.bin
+files. Every conversion keeps dtypes, refuses to drop or invent tensors, and checks the result
+against the registry architecture (``--model``), printing a key/shape diff on mismatch.
+Outputs: ``*2kaleido`` write a SAT checkpoint folder (``latest``, ``1/mp_rank_00_model_states.pt``
+with the DiT under ``module`` as ``model.diffusion_model.*``) that training loads with ``load=``;
+``kaleido2safetensors`` one safetensors file with our keys; ``kaleido2diffusers`` a folder with
+``diffusion_pytorch_model.safetensors`` and ``config.json`` for ``WanTransformer3DModel``. The
+diffusers export covers the video tokens only: reference tokens need our RoPE positions
+(subject k at (k, 80 + row, 80 + column)), which diffusers' Wan model does not have.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sgm.checkpoint import (  # noqa: E402
+    ENGINE_PREFIX,
+    SAT_MODEL_FILE,
+    diff_shapes,
+    extract_dit_state_dict,
+    read_state_dict,
+    resolve_checkpoint,
+    shapes,
+)
+from sgm.convert.diffusers_wan import diffusers_config, diffusers_to_kaleido, kaleido_to_diffusers  # noqa: E402
+from sgm.convert.wan_official import wan_to_kaleido  # noqa: E402
+from sgm.registry import ARCHITECTURES, build_dit, resolve_arch  # noqa: E402
+
+log = logging.getLogger("convert")
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def read_any(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a file, a SAT folder, or a folder of weight shards (all merged)."""
+    if path.is_dir() and not (path / "latest").is_file():
+        shards = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_FILES)
+        if not shards:
+            raise FileNotFoundError(f"{path}: no weight files")
+        out: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            part = read_state_dict(shard)
+            duplicated = sorted(set(part) & set(out))
+            if duplicated:
+                raise ValueError(f"{shard}: keys already seen in another shard, e.g. {duplicated[:3]}")
+            out.update(part)
+        return out
+    return read_state_dict(resolve_checkpoint(path))
+
+
+def check(state: dict[str, torch.Tensor], model: str) -> None:
+    diff = diff_shapes(shapes(build_dit(model, device="meta").state_dict()), shapes(state))
+    if diff:
+        raise ValueError(f"the converted weights do not match {model}:\n{diff.report()}")
+
+
+def write_sat(state: dict[str, torch.Tensor], out: Path) -> None:
+    (out / "1").mkdir(parents=True, exist_ok=True)
+    tmp = out / "1" / (SAT_MODEL_FILE + ".partial")
+    torch.save({"module": {ENGINE_PREFIX + k: v for k, v in state.items()}}, tmp)
+    os.replace(tmp, out / "1" / SAT_MODEL_FILE)
+    (out / "latest").write_text("1\n")
+
+
+def convert(kind: str, source: Path, out: Path, model: str) -> int:
+    state = read_any(source)
+    if kind == "wan2kaleido":
+        kaleido = wan_to_kaleido(state)
+    elif kind == "diffusers2kaleido":
+        kaleido = diffusers_to_kaleido(state)
+    else:
+        kaleido = extract_dit_state_dict(state)
+    check(kaleido, model)
+    if kind in ("wan2kaleido", "diffusers2kaleido"):
+        write_sat(kaleido, out)
+    elif kind == "kaleido2safetensors":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in kaleido.items()}, str(out.with_suffix(".partial")))
+        os.replace(out.with_suffix(".partial"), out)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(kaleido_to_diffusers(kaleido), str(out / "diffusion_pytorch_model.safetensors"))
+        config = {"_class_name": "WanTransformer3DModel", **diffusers_config(resolve_arch(model))}
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+    count = sum(v.numel() for v in kaleido.values())
+    log.info("%s: %d tensors, %s parameters -> %s", kind, len(kaleido), f"{count:,}", out)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "kind", choices=["wan2kaleido", "diffusers2kaleido", "kaleido2safetensors", "kaleido2diffusers"]
+    )
+    parser.add_argument("--input", required=True, help="file, SAT folder, or folder of weight shards")
+    parser.add_argument("--output", required=True, help="output folder (or .safetensors file)")
+    parser.add_argument("--model", default="kaleido-14b", choices=sorted(ARCHITECTURES), help="architecture to check")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return convert(args.kind, Path(args.input), Path(args.output), args.model)
+    except (ValueError, KeyError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
