@@ -2,9 +2,10 @@
 
 from pathlib import Path
 
-import sentencepiece as spm
 import torch
-from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
+from transformers import UMT5Config, UMT5EncoderModel
+
+from tools.make_tiny_assets import make_tokenizer
 
 CORPUS = [
     "a red fox jumps over the lazy dog",
@@ -15,31 +16,9 @@ CORPUS = [
 
 
 def make_tokenizer_folder(folder: Path) -> Path:
-    """A sentencepiece unigram tokenizer saved as a Hugging Face T5 tokenizer folder.
-
-    ``T5TokenizerFast(vocab_file=...)`` silently builds a 4-token vocabulary in transformers 5
-    (environment.md §6), so the tokenizer goes through ``from_pretrained`` of the spm folder.
-    """
-    spm_dir = folder / "spm"
-    spm_dir.mkdir(parents=True, exist_ok=True)
-    corpus = spm_dir / "corpus.txt"
-    corpus.write_text("\n".join(CORPUS * 20))
-    spm.SentencePieceTrainer.train(
-        input=str(corpus),
-        model_prefix=str(spm_dir / "spiece"),
-        vocab_size=48,
-        model_type="unigram",
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        character_coverage=1.0,
-        hard_vocab_limit=False,
-        minloglevel=2,
-    )
-    tokenizer = T5TokenizerFast.from_pretrained(str(spm_dir), extra_ids=0)
+    """A small sentencepiece tokenizer saved as a Hugging Face T5 tokenizer folder."""
     out = folder / "umt5"
-    tokenizer.save_pretrained(str(out))
+    make_tokenizer(out, CORPUS * 20, vocab_size=48)
     return out
 
 

@@ -45,16 +45,22 @@ def corpus() -> list[str]:
     return lines + [" ".join(WORDS)]
 
 
-def make_tokenizer(out: Path) -> int:
+def make_tokenizer(out: Path, lines: list[str] | None = None, vocab_size: int = 160) -> int:
+    """Train a sentencepiece unigram model on ``lines`` and save it as a Hugging Face T5 tokenizer.
+
+    ``T5TokenizerFast(vocab_file=...)`` silently builds a 4-token vocabulary in transformers 5
+    (environment.md §6), so the tokenizer goes through ``from_pretrained`` of the spm folder.
+    Returns the vocabulary size.
+    """
     import sentencepiece as spm
     from transformers import T5TokenizerFast
 
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "corpus.txt").write_text("\n".join(corpus()))
+        (Path(tmp) / "corpus.txt").write_text("\n".join(lines or corpus()))
         spm.SentencePieceTrainer.train(
             input=f"{tmp}/corpus.txt",
             model_prefix=f"{tmp}/spiece",
-            vocab_size=160,
+            vocab_size=vocab_size,
             model_type="unigram",
             pad_id=0,
             eos_id=1,
