@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from data_video import DataConfig, VideoDataset
 from sat.arguments import config_parser, parse_config
 from sat.config import to_yaml
-from sat.parallel import enable_sequence_parallel, init_parallel, shard, split_dim, token_offset
+from sat.parallel import enable_sequence_parallel, init_parallel
 from sat.training import (
     OptimizerConfig,
     ScheduleConfig,
@@ -48,7 +48,7 @@ from sat.training import (
     register_zero3_parameters,
 )
 from sgm.checkpoint import SAT_MODEL_FILE, load_dit_state_dict, read_dit_checkpoint
-from sgm.diffusion.loss import rf_loss, training_sigmas
+from sgm.models.engine import training_loss
 from sgm.models.wan_vae import VAEConfig, build_vae
 from sgm.modules.encoders.conditioner import TextConditioner
 from sgm.modules.encoders.text import TextEncoderConfig, build_text_encoder
@@ -91,11 +91,6 @@ class DiffusionEngine(nn.Module):
 
     def forward(self, x, timesteps, context, subjects, token_offset=(0, 0)):
         return self.model.diffusion_model(x, timesteps, context, subjects, token_offset=token_offset)
-
-
-def step_generator(seed: int, step: int, data_rank: int) -> torch.Generator:
-    """The same generator on every rank of a sequence-parallel group (noise and σ are shared)."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 65_537 + data_rank)
 
 
 def save_consolidated(engine, folder: Path, rank: int) -> None:
@@ -235,22 +230,6 @@ def main(argv: list[str] | None = None) -> int:
             persistent_workers=config.data.num_workers > 0,
         )
     )
-    latent_h, latent_w = config.data.height // 8, config.data.width // 8
-    sp_dim = split_dim(latent_h, parallel.sp_size, config.sp_split)
-
-    def micro_step_loss(batch: dict, micro_step: int) -> torch.Tensor:
-        with torch.no_grad():
-            x0 = vae.encode(batch["mp4"].to(device).transpose(1, 2))  # [B, T, C, h, w]
-            subjects = vae.encode_references(batch["subject_images"].to(device))
-            context = conditioner(batch["txt"], step=micro_step, data_rank=parallel.dp_rank)[0]["crossattn"]
-        generator = step_generator(config.seed, micro_step, parallel.dp_rank)
-        sigmas = training_sigmas(x0.shape[0], latent_h, latent_w, generator)
-        noise = torch.randn(x0.shape, generator=generator).to(device)
-        x0, noise, subjects = (shard(t, sp_dim, parallel) for t in (x0, noise, subjects))
-        offset = token_offset(tuple(x0.shape), sp_dim, parallel)
-        network = lambda x, t, c, s: engine(x, t, c.to(dtype), s, token_offset=offset)  # noqa: E731
-        return rf_loss(network, x0, noise, sigmas, context, subjects)
-
     csv_file = save_dir / "train_log.csv"
     writer = None
     if parallel.rank == 0:
@@ -278,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
                 batch = next(loader)
                 skipped += batch["skipped"]
             data_epoch, data_chunk = batch["epoch"], batch["chunk"]
-            loss = micro_step_loss(batch, iteration * config.gradient_accumulation + micro)
+            step = iteration * config.gradient_accumulation + micro
+            loss = training_loss(engine, vae, conditioner, batch, step, config.seed, parallel, config.sp_split)
             engine.backward(loss)
             engine.step()
             losses.append(loss.detach())

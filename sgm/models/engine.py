@@ -1,4 +1,4 @@
-"""The engine: one place that turns prompts and reference images into the DiT's tensors.
+"""The engine: one place that turns prompts, videos and reference images into the DiT's tensors.
 
 Sampling (spec-dit §5.5, §7): references fitted to the video size and VAE-encoded one by one;
 prompt and negative prompt encoded; seeded float32 noise; Euler on the shift-7 schedule with
@@ -6,6 +6,11 @@ prompt and negative prompt encoded; seeded float32 noise; Euler on the shift-7 s
 dtype; VAE decode. Under sequence parallelism the noise and every reference latent are sliced
 along H or W, the DiT runs on its slice with the slice's RoPE offset, and the slices are
 gathered before decoding.
+
+Training (spec-dit §5.2) uses the same pieces: the video and each reference VAE-encoded (the
+references letterboxed by the data loader with the sampler's function), captions through the
+same conditioner (with dropout), σ and ε from a generator seeded by (seed, step, data rank) so a
+sequence-parallel group draws them once, and the same slicing along H or W.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from PIL import Image
 
 from sat.parallel import ParallelState, gather, shard, split_dim, token_offset
 from sgm.data.references import fit_reference, image_to_tensor
+from sgm.diffusion.loss import rf_loss, training_sigmas
 from sgm.diffusion.sampling import cfg_denoiser, sample
 from sgm.diffusion.schedules import SAMPLING_SHIFT, shifted_schedule
 from sgm.models.wan_vae import SPATIAL_STRIDE, TEMPORAL_STRIDE, WanVAE
@@ -137,3 +143,34 @@ class KaleidoPipeline:
         if timings is not None:
             timings.decode_s += time.perf_counter() - start
         return video
+
+
+def step_generator(seed: int, step: int, data_rank: int) -> torch.Generator:
+    """The same generator on every rank of a sequence-parallel group, a different one per replica and step."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 65_537 + data_rank)
+
+
+def training_loss(
+    network,
+    vae: WanVAE,
+    conditioner: TextConditioner,
+    batch: dict,
+    step: int,
+    seed: int,
+    parallel: ParallelState,
+    sp_split: str = "auto",
+) -> torch.Tensor:
+    """The rectified-flow loss of one micro-batch (``mp4 [B, F, 3, H, W]``, ``subject_images
+    [B, N, 3, H, W]``, ``txt``); ``network(x, timesteps, context, subjects, token_offset=...)``."""
+    device = vae.multiplier.device
+    with torch.no_grad():
+        x0 = vae.encode(batch["mp4"].to(device).transpose(1, 2))  # [B, T, C, h, w]
+        subjects = vae.encode_references(batch["subject_images"].to(device))
+        context = conditioner(batch["txt"], step=step, data_rank=parallel.dp_rank)[0]["crossattn"]
+    generator = step_generator(seed, step, parallel.dp_rank)
+    sigmas = training_sigmas(x0.shape[0], x0.shape[3], x0.shape[4], generator)
+    noise = torch.randn(x0.shape, generator=generator).to(device)
+    dim = split_dim(x0.shape[3], parallel.sp_size, sp_split)
+    x0, noise, subjects = (shard(t, dim, parallel) for t in (x0, noise, subjects))
+    offset = token_offset(tuple(x0.shape), dim, parallel)
+    return rf_loss(lambda x, t, c, s: network(x, t, c, s, token_offset=offset), x0, noise, sigmas, context, subjects)
