@@ -1,0 +1,277 @@
+"""The synthetic multi-subject world of the demo model: a catalogue of subjects, clips, a detector.
+
+Subjects are 8 shapes × 6 colours (two shapes (square, heart) carry a stripe pattern). A clip shows 1–3 subjects
+on a plain background, each moving as its caption says; references show each subject alone on
+white at its own scale and a small rotation. Sizes follow demo-feasibility.md: at 96×96 pixels a
+DiT token covers 16×16 pixels, so sprites of 30–36 pixels span at least 2×2 tokens, and motions
+cover most of the frame (6–8 pixels per frame).
+
+The detector (for ``tools/eval_shapes.py``) finds each catalogue colour in a frame by distance to
+the palette, then names the blob's shape by the best overlap with the catalogue's silhouettes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond", "moon", "heart")
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 80, 230),
+    "yellow": (235, 210, 40),
+    "purple": (150, 50, 200),
+    "orange": (245, 130, 20),
+}
+PATTERNED = {"square", "heart"}  # drawn with white stripes
+MOTIONS = ("left", "right", "up", "down", "bounce", "grow", "shrink", "circle", "still")
+BACKGROUNDS = ((110, 110, 110), (70, 90, 110), (120, 100, 80))
+FRAME = 96
+SPRITE = 32
+FRAMES = 9
+STEP = 7  # pixels per frame for translations
+ORDINALS = ("first", "second", "third")
+MOTION_WORDS = {
+    "left": "moves left",
+    "right": "moves right",
+    "up": "moves up",
+    "down": "moves down",
+    "bounce": "bounces",
+    "grow": "grows",
+    "shrink": "shrinks",
+    "circle": "moves in a circle",
+    "still": "stands still",
+}
+
+
+def is_held_out(shape: str, colour: str) -> bool:
+    """Colour-shape pairs never shown in training (one per colour, spread over the shapes)."""
+    return SHAPES.index(shape) % len(COLOURS) == list(COLOURS).index(colour) and SHAPES.index(shape) < len(COLOURS)
+
+
+def silhouette(shape: str, size: int) -> Image.Image:
+    """A white-on-black ``L`` mask of ``shape`` filling a ``size × size`` box."""
+    mask = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(mask)
+    s, c = size - 1, (size - 1) / 2
+    if shape == "circle":
+        draw.ellipse((0, 0, s, s), fill=255)
+    elif shape == "square":
+        draw.rectangle((2, 2, s - 2, s - 2), fill=255)
+    elif shape == "triangle":
+        draw.polygon([(c, 0), (s, s), (0, s)], fill=255)
+    elif shape == "diamond":
+        draw.polygon([(c, 0), (s, c), (c, s), (0, c)], fill=255)
+    elif shape == "cross":
+        w = size / 3
+        draw.rectangle((w, 0, 2 * w, s), fill=255)
+        draw.rectangle((0, w, s, 2 * w), fill=255)
+    elif shape == "moon":
+        draw.ellipse((0, 0, s, s), fill=255)
+        draw.ellipse((size * 0.38, -size * 0.1, s + size * 0.38, s - size * 0.1), fill=0)
+    elif shape == "star":
+        points = []
+        for k in range(10):
+            radius = c if k % 2 == 0 else c * 0.45
+            angle = -math.pi / 2 + k * math.pi / 5
+            points.append((c + radius * math.cos(angle), c + radius * math.sin(angle)))
+        draw.polygon(points, fill=255)
+    elif shape == "heart":
+        r = size / 4
+        draw.ellipse((0, 0, 2 * r, 2 * r), fill=255)
+        draw.ellipse((2 * r - 1, 0, 4 * r - 1, 2 * r), fill=255)
+        draw.polygon([(0, r * 1.1), (s, r * 1.1), (c, s)], fill=255)
+    else:
+        raise ValueError(f"unknown shape '{shape}'")
+    return mask
+
+
+def sprite(shape: str, colour: str, size: int, angle: float = 0.0) -> Image.Image:
+    """The subject as an RGBA image (patterned shapes have white stripes)."""
+    mask = silhouette(shape, size)
+    rgba = Image.new("RGBA", (size, size), COLOURS[colour] + (255,))
+    if shape in PATTERNED:
+        draw = ImageDraw.Draw(rgba)
+        for y in range(size // 6, size, size // 3):
+            draw.rectangle((0, y, size, y + max(1, size // 12)), fill=(255, 255, 255, 255))
+    rgba.putalpha(mask)
+    return rgba.rotate(angle, resample=Image.BICUBIC, expand=True) if angle else rgba
+
+
+@dataclass
+class Subject:
+    shape: str
+    colour: str
+    motion: str
+    start: tuple[float, float]  # centre (x, y) at frame 0
+    size: int = SPRITE
+    track: list[tuple[float, float, int]] = field(default_factory=list)  # (x, y, size) per frame
+
+
+def plan_motion(subject: Subject, frames: int) -> None:
+    """Fill ``subject.track``: large, readable motions that stay inside the frame."""
+    x0, y0 = subject.start
+    track = []
+    for t in range(frames):
+        x, y, size = x0, y0, subject.size
+        if subject.motion == "left":
+            x = x0 - STEP * t
+        elif subject.motion == "right":
+            x = x0 + STEP * t
+        elif subject.motion == "up":
+            y = y0 - STEP * t
+        elif subject.motion == "down":
+            y = y0 + STEP * t
+        elif subject.motion == "bounce":
+            y = y0 - 2 * STEP * abs(math.sin(math.pi * t / (frames - 1) * 2))
+        elif subject.motion == "grow":
+            size = int(subject.size * (0.6 + 0.6 * t / (frames - 1)))
+        elif subject.motion == "shrink":
+            size = int(subject.size * (1.2 - 0.6 * t / (frames - 1)))
+        elif subject.motion == "circle":
+            x = x0 + 14 * math.cos(2 * math.pi * t / (frames - 1))
+            y = y0 + 14 * math.sin(2 * math.pi * t / (frames - 1))
+        track.append((x, y, size))
+    subject.track = track
+
+
+def start_for(motion: str, rng: np.random.Generator) -> tuple[float, float]:
+    margin = SPRITE / 2 + 2
+    span = STEP * (FRAMES - 1)
+    low_x, high_x, low_y, high_y = margin, FRAME - margin, margin, FRAME - margin
+    if motion == "left":
+        low_x = margin + span
+    elif motion == "right":
+        high_x = FRAME - margin - span
+    elif motion == "up" or motion == "bounce":
+        low_y = margin + (span if motion == "up" else 2 * STEP)
+    elif motion == "down":
+        high_y = FRAME - margin - span
+    elif motion == "circle":
+        low_x, high_x, low_y, high_y = margin + 14, FRAME - margin - 14, margin + 14, FRAME - margin - 14
+    return float(rng.uniform(low_x, max(low_x, high_x))), float(rng.uniform(low_y, max(low_y, high_y)))
+
+
+def render(subjects: list[Subject], background: tuple[int, int, int], frames: int = FRAMES) -> np.ndarray:
+    """``[F, FRAME, FRAME, 3]`` uint8: subjects drawn in order on the background."""
+    out = np.empty((frames, FRAME, FRAME, 3), dtype=np.uint8)
+    for t in range(frames):
+        canvas = Image.new("RGBA", (FRAME, FRAME), background + (255,))
+        for subject in subjects:
+            x, y, size = subject.track[t]
+            image = sprite(subject.shape, subject.colour, size)
+            canvas.alpha_composite(image, (int(round(x - image.width / 2)), int(round(y - image.height / 2))))
+        out[t] = np.asarray(canvas.convert("RGB"))
+    return out
+
+
+def reference_image(shape: str, colour: str, rng: np.random.Generator) -> Image.Image:
+    """The subject alone on white, at its own scale and a small rotation (like a photo of it)."""
+    size = int(rng.integers(40, 64))
+    image = sprite(shape, colour, size, angle=float(rng.uniform(-15, 15)))
+    canvas = Image.new("RGBA", (image.width + 16, image.height + 16), (255, 255, 255, 255))
+    canvas.alpha_composite(image, (8, 8))
+    return canvas.convert("RGB")
+
+
+def caption(subjects: list[Subject], rng: np.random.Generator) -> str:
+    """Half the captions name colours and shapes; the others only say 'the first object'..."""
+    named = rng.random() < 0.5
+    parts = []
+    for k, s in enumerate(subjects):
+        who = f"the {s.colour} {s.shape}" if named else f"the {ORDINALS[k]} object"
+        parts.append(f"{who} {MOTION_WORDS[s.motion]}")
+    return " while ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Detection
+
+
+def colour_masks(frame: np.ndarray, threshold: float = 60.0) -> dict[str, np.ndarray]:
+    """Boolean mask per catalogue colour: pixels nearest that colour and within ``threshold``."""
+    pixels = frame.reshape(-1, 3).astype(np.float32)
+    palette = np.array(list(COLOURS.values()), dtype=np.float32)
+    distances = np.linalg.norm(pixels[:, None, :] - palette[None], axis=2)  # [P, colours]
+    nearest = distances.argmin(axis=1)
+    close = distances.min(axis=1) < threshold
+    return {name: ((nearest == i) & close).reshape(frame.shape[:2]) for i, name in enumerate(COLOURS)}
+
+
+def _normalised(mask: np.ndarray, size: int = 48) -> np.ndarray:
+    """The mask cropped to its bounding box, centred in a square (aspect kept), resized to ``size``."""
+    ys, xs = np.nonzero(mask)
+    crop = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    side = max(crop.shape)
+    square = np.zeros((side, side), dtype=np.uint8)
+    top, left = (side - crop.shape[0]) // 2, (side - crop.shape[1]) // 2
+    square[top : top + crop.shape[0], left : left + crop.shape[1]] = crop
+    return np.asarray(Image.fromarray(square * 255).resize((size, size), Image.BILINEAR)) > 127
+
+
+_TEMPLATES = {shape: _normalised(np.asarray(silhouette(shape, 64)) > 127) for shape in SHAPES}
+
+
+def classify_shape(mask: np.ndarray) -> str:
+    """The catalogue shape whose normalised silhouette best overlaps the blob's (IoU)."""
+    blob = _normalised(mask)
+    scores = {shape: (blob & t).sum() / max(1, (blob | t).sum()) for shape, t in _TEMPLATES.items()}
+    return max(scores, key=scores.get)
+
+
+@dataclass
+class Detection:
+    colour: str
+    shape: str
+    centre: tuple[float, float]
+    area: int
+
+
+def detect(frame: np.ndarray, min_area: int = 40) -> list[Detection]:
+    """Every catalogue-coloured blob of at least ``min_area`` pixels, with its shape and centre."""
+    found = []
+    for colour, mask in colour_masks(frame).items():
+        area = int(mask.sum())
+        if area < min_area:
+            continue
+        filled = _fill_stripes(mask)
+        ys, xs = np.nonzero(filled)
+        found.append(Detection(colour, classify_shape(filled), (float(xs.mean()), float(ys.mean())), area))
+    return found
+
+
+def _fill_stripes(mask: np.ndarray) -> np.ndarray:
+    """Close thin white stripes inside a blob (patterned subjects) along columns."""
+    filled = mask.copy()
+    for x in range(mask.shape[1]):
+        rows = np.nonzero(mask[:, x])[0]
+        if len(rows) >= 2:
+            gaps = np.diff(rows)
+            for r, gap in zip(rows[:-1], gaps, strict=True):
+                if 1 < gap <= 6:
+                    filled[r : r + gap, x] = True
+    return filled
+
+
+def motion_direction(track: list[tuple[float, float]], sizes: list[int]) -> str:
+    """The motion word that best explains a detected track of centres and areas."""
+    xs = np.array([p[0] for p in track])
+    ys = np.array([p[1] for p in track])
+    dx, dy = xs[-1] - xs[0], ys[-1] - ys[0]
+    growth = (sizes[-1] - sizes[0]) / max(1, sizes[0])
+    spread = max(np.ptp(xs), np.ptp(ys))
+    if abs(growth) > 0.5 and spread < 10:
+        return "grow" if growth > 0 else "shrink"
+    if max(abs(dx), abs(dy)) > 15:
+        if abs(dx) >= abs(dy):
+            return "right" if dx > 0 else "left"
+        return "down" if dy > 0 else "up"
+    if np.ptp(ys) > 10 and np.ptp(xs) < 8:
+        return "bounce"
+    if np.ptp(xs) > 10 and np.ptp(ys) > 10:
+        return "circle"
+    return "still"
