@@ -1,0 +1,133 @@
+"""Train a small Wan-architecture VAE (``AutoencoderKLWan``, same 4×8×8 compression) on shapes clips.
+
+    python tools/train_vae.py --data data/shapes --out assets/kaleido-tiny/vae --minutes 60
+
+Clips (9 frames) and reference images (as one-frame clips, the way references are encoded) are
+reconstructed with an L1 + MSE loss on a posterior sample plus a small KL term. Training stops at
+the time budget; the model is saved as a diffusers folder (``config.json`` with the latent
+mean/std measured on training clips, so the wrapper normalises them like Wan's, and the weights),
+written to a temporary folder and renamed. The held-out clips' reconstruction PSNR is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+log = logging.getLogger("train_vae")
+KL_WEIGHT = 1e-6
+
+
+def load_clips(folder: Path, limit: int) -> torch.Tensor:
+    """``[N, 3, F, H, W]`` uint8 clips of a split."""
+    import imageio.v2 as imageio
+
+    paths = sorted((folder / "videos").glob("*.mp4"))[:limit]
+    clips = [np.stack([f for f in imageio.get_reader(p)]) for p in paths]  # [F, H, W, 3]
+    return torch.from_numpy(np.stack(clips)).permute(0, 4, 1, 2, 3).contiguous()
+
+
+def load_references(folder: Path, size: int, limit: int) -> torch.Tensor:
+    """``[N, 3, 1, size, size]`` uint8: references letterboxed like at sampling time."""
+    from sgm.data.references import fit_reference, load_reference
+
+    paths = sorted((folder / "references").glob("*/*.png"))[:limit]
+    images = [np.asarray(fit_reference(load_reference(str(p)), size, size)) for p in paths]
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)[:, :, None].contiguous()
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    return x.float() / 127.5 - 1
+
+
+def psnr(model, clips: torch.Tensor) -> float:
+    with torch.no_grad():
+        x = to_unit(clips)
+        out = model(x, sample_posterior=False).sample.clamp(-1, 1)
+        mse = ((out - x) / 2).pow(2).mean().item()
+    return 10 * math.log10(1 / max(mse, 1e-12))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="shapes dataset root (train/ and heldout/)")
+    parser.add_argument("--out", required=True, help="output diffusers folder")
+    parser.add_argument("--minutes", type=float, default=60.0, help="training time budget")
+    parser.add_argument("--base-dim", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=4, help="clips per step (plus as many references)")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--clips", type=int, default=800, help="training clips held in memory")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from diffusers import AutoencoderKLWan
+
+    root = Path(args.data)
+    train, held = load_clips(root / "train", args.clips), load_clips(root / "heldout", 16)
+    refs = load_references(root / "train", train.shape[-1], 4 * args.clips)
+    log.info(
+        "%d training clips %s, %d references, %d held-out clips",
+        len(train),
+        list(train.shape[1:]),
+        len(refs),
+        len(held),
+    )
+    torch.manual_seed(args.seed)
+    model = AutoencoderKLWan(base_dim=args.base_dim, z_dim=16, num_res_blocks=1, dim_mult=[1, 2, 2, 2])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(args.seed)
+    deadline = time.time() + 60 * args.minutes
+    step = 0
+    bar = tqdm(desc="vae", unit="step")
+    while time.time() < deadline:
+        clip_idx = torch.randint(len(train), (args.batch,), generator=generator)
+        ref_idx = torch.randint(len(refs), (args.batch,), generator=generator)
+        loss = 0.0
+        for x in (to_unit(train[clip_idx]), to_unit(refs[ref_idx])):
+            posterior = model.encode(x).latent_dist
+            out = model.decode(posterior.sample(generator=None)).sample
+            loss = loss + (out - x).abs().mean() + (out - x).pow(2).mean() + KL_WEIGHT * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        bar.update()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    model.eval()
+    with torch.no_grad():
+        latents = torch.cat(
+            [model.encode(to_unit(train[i : i + 8])).latent_dist.mode() for i in range(0, min(64, len(train)), 8)]
+        )
+    mean = latents.mean(dim=(0, 2, 3, 4)).tolist()
+    std = latents.std(dim=(0, 2, 3, 4)).tolist()
+    model.register_to_config(latents_mean=mean, latents_std=std)
+    out = Path(args.out)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    score = psnr(model, held)
+    (tmp / "training.json").write_text(json.dumps({"steps": step, "minutes": args.minutes, "psnr_heldout_db": score}))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    log.info("trained %d steps in %.1f min; held-out reconstruction PSNR %.2f dB -> %s", step, args.minutes, score, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
