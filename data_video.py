@@ -94,9 +94,9 @@ def read_video(path: Path, config: DataConfig) -> tuple[torch.Tensor, int]:
 class VideoDataset(IterableDataset):
     """Iterates collated batches of ``batch_size`` samples forever, epoch after epoch.
 
-    Batches are cut from this rank's order in consecutive chunks and dealt to loader workers
-    round-robin, so a DataLoader (``batch_size=None``) yields them in order and the samples
-    consumed so far are always a prefix: ``(epoch, chunk)`` of the last batch is a resume point.
+    Batches are formed from this rank's order (samples with equal reference counts together) and
+    dealt to loader workers round-robin, so a DataLoader (``batch_size=None``) yields them in order
+    and ``(epoch, chunk)`` of the last batch is a resume point.
     """
 
     def __init__(
@@ -156,18 +156,40 @@ class VideoDataset(IterableDataset):
         permutation = torch.randperm(len(self.ids), generator=generator).tolist()
         return [self.ids[i] for i in permutation[self.rank :: self.world_size]]
 
+    def reference_count(self, sample_id: str) -> int:
+        folder = self.root / "references" / sample_id
+        if not folder.is_dir():
+            return 0
+        count = sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        return min(count, self.config.max_references)
+
+    def chunks(self, epoch: int) -> list[list[str]]:
+        """This rank's batches of ``epoch``: every batch holds samples with the same number of references
+        (the DiT takes one ``[B, N, ...]`` tensor), in the order of the seeded permutation."""
+        if self.batch_size == 1:
+            return [[sample_id] for sample_id in self.order(epoch)]
+        open_batches: dict[int, list[str]] = {}
+        batches = []
+        for sample_id in self.order(epoch):
+            group = open_batches.setdefault(self.reference_count(sample_id), [])
+            group.append(sample_id)
+            if len(group) == self.batch_size:
+                batches.append(group)
+                open_batches[self.reference_count(sample_id)] = []
+        batches += [group for _, group in sorted(open_batches.items()) if group]
+        return batches
+
     def __iter__(self) -> Iterator[dict]:
         worker = get_worker_info()
         workers, worker_id = (1, 0) if worker is None else (worker.num_workers, worker.id)
         epoch, first = self.start_epoch, self.start_chunk
         while True:
-            mine = self.order(epoch)
-            chunks = math.ceil(len(mine) / self.batch_size)
-            for chunk in range(first, chunks):
+            batches = self.chunks(epoch)
+            for chunk in range(first, len(batches)):
                 if (chunk - first) % workers != worker_id:
                     continue
                 samples = []
-                for sample_id in mine[chunk * self.batch_size : (chunk + 1) * self.batch_size]:
+                for sample_id in batches[chunk]:
                     try:
                         samples.append(self.load(sample_id))
                     except BadSampleError as exc:
@@ -184,8 +206,11 @@ def collate(samples: list[dict]) -> dict:
     if not good:
         return batch
     counts = {s["subject_images"].shape[0] for s in good}
-    if len(counts) > 1:
-        raise ValueError(f"a batch mixes samples with {sorted(counts)} references: use micro_batch_size=1")
+    if len(counts) > 1:  # a reference folder changed since the batches were formed
+        keep = max(counts, key=lambda n: sum(s["subject_images"].shape[0] == n for s in good))
+        batch["skipped"] += sum(s["subject_images"].shape[0] != keep for s in good)
+        good = [s for s in good if s["subject_images"].shape[0] == keep]
+        batch["size"] = len(good)
     batch.update(
         mp4=torch.stack([s["mp4"] for s in good]),
         subject_images=torch.stack([s["subject_images"] for s in good]),

@@ -195,3 +195,14 @@ def test_sequence_parallel_loss_and_gradients_equal_one_process(split):
 
 def test_module_docstring_mentions_the_layout():
     assert "labels/<id>.txt" in data_video.__doc__
+
+
+def test_batches_group_samples_with_equal_reference_counts(tmp_path):
+    root = make_video_dataset(tmp_path / "mixed", count=7)  # odd clips have 2 references, even ones 1
+    config = DataConfig(root=str(root), height=32, width=32, num_frames=5, fps=8)
+    dataset = VideoDataset(config, batch_size=2)
+    batches = dataset.chunks(0)
+    assert sorted(i for b in batches for i in b) == sorted(dataset.ids)
+    assert all(len({dataset.reference_count(i) for i in b}) == 1 for b in batches)
+    first = next(iter(dataset))
+    assert first["mp4"].shape[0] == first["subject_images"].shape[0] == len(batches[0])
