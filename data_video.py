@@ -46,6 +46,10 @@ class DataConfig:
     max_references: int = 3
     num_workers: int = 2
     seed: int = 0
+    latents: bool = False  # read <root>/latents/<id>.safetensors (tools/precompute_latents.py), skip the VAE
+
+
+LATENT_FOLDER = "latents"
 
 
 class BadSampleError(ValueError):
@@ -131,6 +135,8 @@ class VideoDataset(IterableDataset):
         if not label.is_file():
             raise BadSampleError(f"{sample_id}: missing caption {label}")
         caption = (label.read_text(encoding="utf-8").splitlines() or [""])[0].strip()
+        if self.config.latents:
+            return self.load_latents(sample_id, caption)
         ref_dir = self.root / "references" / sample_id
         paths = sorted(p for p in ref_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if ref_dir.is_dir() else []
         if not paths:
@@ -148,6 +154,23 @@ class VideoDataset(IterableDataset):
             "fps": fps,
             "num_frames": self.config.num_frames,
             "subject_images": torch.stack(refs),
+        }
+
+    def load_latents(self, sample_id: str, caption: str) -> dict:
+        """A precomputed sample: ``latents [T, C, h, w]`` and ``subject_latents [N, C, h, w]``."""
+        from safetensors.torch import load_file
+
+        path = self.root / LATENT_FOLDER / f"{sample_id}.safetensors"
+        if not path.is_file():
+            raise BadSampleError(f"{sample_id}: no precomputed latents {path}")
+        tensors = load_file(str(path))
+        return {
+            "id": sample_id,
+            "latents": tensors["video"],
+            "subject_latents": tensors["subjects"][: self.config.max_references],
+            "txt": caption,
+            "fps": self.config.fps,
+            "num_frames": self.config.num_frames,
         }
 
     def order(self, epoch: int) -> list[str]:
@@ -205,15 +228,16 @@ def collate(samples: list[dict]) -> dict:
     batch = {"skipped": len(samples) - len(good), "size": len(good)}
     if not good:
         return batch
-    counts = {s["subject_images"].shape[0] for s in good}
+    refs = "subject_latents" if "subject_latents" in good[0] else "subject_images"
+    counts = {s[refs].shape[0] for s in good}
     if len(counts) > 1:  # a reference folder changed since the batches were formed
-        keep = max(counts, key=lambda n: sum(s["subject_images"].shape[0] == n for s in good))
-        batch["skipped"] += sum(s["subject_images"].shape[0] != keep for s in good)
-        good = [s for s in good if s["subject_images"].shape[0] == keep]
+        keep = max(counts, key=lambda n: sum(s[refs].shape[0] == n for s in good))
+        batch["skipped"] += sum(s[refs].shape[0] != keep for s in good)
+        good = [s for s in good if s[refs].shape[0] == keep]
         batch["size"] = len(good)
+    video = "latents" if refs == "subject_latents" else "mp4"
     batch.update(
-        mp4=torch.stack([s["mp4"] for s in good]),
-        subject_images=torch.stack([s["subject_images"] for s in good]),
+        {video: torch.stack([s[video] for s in good]), refs: torch.stack([s[refs] for s in good])},
         txt=[s["txt"] for s in good],
         fps=torch.tensor([s["fps"] for s in good]),
         num_frames=torch.tensor([s["num_frames"] for s in good]),

@@ -206,3 +206,25 @@ def test_batches_group_samples_with_equal_reference_counts(tmp_path):
     assert all(len({dataset.reference_count(i) for i in b}) == 1 for b in batches)
     first = next(iter(dataset))
     assert first["mp4"].shape[0] == first["subject_images"].shape[0] == len(batches[0])
+
+
+def test_precomputed_latents_train_like_videos(tmp_path):
+    root = make_video_dataset(tmp_path / "data", count=3)
+    base = [sys.executable, *TRAIN, f"data.root={root}", "train_iters=2"]
+    tool = [
+        sys.executable,
+        "tools/precompute_latents.py",
+        "--config",
+        "configs/model/kaleido_tiny.yaml",
+        "configs/training/tiny.yaml",
+        f"data.root={root}",
+    ]
+    for cmd in (
+        tool,
+        [*base, f"save={tmp_path / 'videos'}"],
+        [*base, f"save={tmp_path / 'latents'}", "data.latents=true"],
+    ):
+        result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in (root / "latents").iterdir()) == [f"clip00{i}.safetensors" for i in range(3)]
+    assert losses(tmp_path / "videos") == losses(tmp_path / "latents")  # the same numbers, without the VAE

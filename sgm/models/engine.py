@@ -161,11 +161,15 @@ def training_loss(
     sp_split: str = "auto",
 ) -> torch.Tensor:
     """The rectified-flow loss of one micro-batch (``mp4 [B, F, 3, H, W]``, ``subject_images
-    [B, N, 3, H, W]``, ``txt``); ``network(x, timesteps, context, subjects, token_offset=...)``."""
+    [B, N, 3, H, W]``, ``txt``; or precomputed ``latents [B, T, C, h, w]`` and ``subject_latents
+    [B, N, C, h, w]``); ``network(x, timesteps, context, subjects, token_offset=...)``."""
     device = vae.multiplier.device
     with torch.no_grad():
-        x0 = vae.encode(batch["mp4"].to(device).transpose(1, 2))  # [B, T, C, h, w]
-        subjects = vae.encode_references(batch["subject_images"].to(device))
+        if "latents" in batch:
+            x0, subjects = batch["latents"].to(device), batch["subject_latents"].to(device)
+        else:
+            x0 = vae.encode(batch["mp4"].to(device).transpose(1, 2))  # [B, T, C, h, w]
+            subjects = vae.encode_references(batch["subject_images"].to(device))
         context = conditioner(batch["txt"], step=step, data_rank=parallel.dp_rank)[0]["crossattn"]
     generator = step_generator(seed, step, parallel.dp_rank)
     sigmas = training_sigmas(x0.shape[0], x0.shape[3], x0.shape[4], generator)
