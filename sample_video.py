@@ -8,8 +8,9 @@ Inputs: ``input_file`` with ``prompt@@ref1@@ref2`` lines (the release's format) 
 ``{"prompt": ..., "references": [...], "seed": ...}``, or one video from ``--prompt``/``--ref``.
 A reference is an image or a video clip (``clip.mp4#12`` for frame 12, ``clip.mp4#1.5s`` for a
 time). Outputs: ``<output_dir>/<index>_<slug>/`` with ``output.mp4`` (or ``latents.safetensors``
-with ``--only-save-latents``), ``subject_<k>.png``, ``text.txt`` and ``meta.json``. A finished
-item is skipped on a rerun; a bad item is reported and the others go on (exit status 1 at the end).
+with ``--only-save-latents``), ``contact_sheet.png`` (references beside the frames),
+``subject_<k>.png``, ``text.txt`` and ``meta.json``. A finished item is skipped on a rerun; a bad
+item is reported and the others go on (exit status 1 at the end).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from sat.arguments import config_parser, parse_config
 from sat.config import to_yaml
 from sat.parallel import ParallelState, enable_sequence_parallel, init_parallel
 from sgm.checkpoint import load_dit_state_dict, read_dit_checkpoint
+from sgm.data.contact_sheet import contact_sheet
 from sgm.data.references import ReferenceError, load_reference, video_to_uint8
 from sgm.diffusion.schedules import SAMPLING_SHIFT
 from sgm.models.engine import KaleidoPipeline, SamplerSettings, Timings, video_frames
@@ -64,6 +66,7 @@ class SamplingConfig:
     sample_neg_prompt: str = WAN_NEGATIVE_PROMPT
     max_references: int = RELEASE_MAX_REFERENCES
     only_save_latents: bool = False
+    contact_sheet: bool = True  # contact_sheet.png: the references beside a grid of the frames
     release_prompt_compat: bool = False  # True: T5 reads the whole line with its @@paths (release)
     sequence_parallel_size: int = 1
     sp_split: str = "auto"  # auto | height | width
@@ -157,7 +160,15 @@ def slug(text: str) -> str:
 
 
 def write_item(
-    target: Path, item: Item, images, latents: torch.Tensor, video, fps: int, meta: dict, only_latents: bool
+    target: Path,
+    item: Item,
+    images,
+    latents: torch.Tensor,
+    video,
+    fps: int,
+    meta: dict,
+    only_latents: bool,
+    with_sheet: bool,
 ) -> None:
     """Write everything into a temporary folder, then rename it into place."""
     tmp = target.parent / f".{target.name}.tmp{os.getpid()}"
@@ -177,6 +188,8 @@ def write_item(
             ) as writer:
                 for frame in frames:
                     writer.append_data(frame)
+            if with_sheet:
+                contact_sheet(images, frames).save(tmp / "contact_sheet.png")
         for k, image in enumerate(images):
             image.save(tmp / f"subject_{k}.png")
         (tmp / "text.txt").write_text(item.line + "\n", encoding="utf-8")
@@ -279,7 +292,17 @@ def main(argv: list[str] | None = None) -> int:
                 },
                 "config": resolved,
             }
-            write_item(target, item, images, latents, video, config.sampling_fps, meta, config.only_save_latents)
+            write_item(
+                target,
+                item,
+                images,
+                latents,
+                video,
+                config.sampling_fps,
+                meta,
+                config.only_save_latents,
+                config.contact_sheet,
+            )
         done += 1
     if parallel.is_sp_leader:
         log.info(

@@ -62,6 +62,29 @@ def test_flag_input_writes_a_playable_mp4(tmp_path, refs):
     assert "sampling_num_frames: 3" in meta["config"] and meta["timings"]["total_s"] > 0
     assert (item / "text.txt").read_text() == "a red ball\n"
     assert Image.open(item / "subject_0.png").size == (40, 30)  # the original reference, not the letterboxed one
+    sheet = np.asarray(Image.open(item / "contact_sheet.png"))
+    assert sheet.shape == (4 + 2 * (64 + 4), 4 + (96 + 4) + 12 + 5 * (96 + 4), 3)  # 1 reference, 9 frames in 2 rows
+    first = sheet[4 : 4 + 64, 4 + 100 + 12 : 4 + 100 + 12 + 96].astype(int)
+    # the frame as written, up to the mp4's loss (large on the random model's noise): same mean colour
+    assert np.abs(first.mean(axis=(0, 1)) - frames[0].mean(axis=(0, 1))).max() < 3
+
+
+def test_contact_sheet_layout():
+    from sgm.data.contact_sheet import contact_sheet
+
+    frames = np.stack([np.full((8, 10, 3), 20 * i, dtype=np.uint8) for i in range(7)])  # [F, H, W, 3]
+    tall_red = Image.new("RGB", (5, 16), (255, 0, 0))
+    sheet = np.asarray(contact_sheet([tall_red, Image.new("RGB", (10, 8), (0, 0, 255))], frames, columns=3))
+    assert sheet.shape == (4 + 3 * 12, 4 + 14 + 12 + 3 * 14, 3)  # 3 rows of frames, 2 references
+    ref_cell = sheet[4:12, 4:14]
+    assert (ref_cell[:, 4:6] == [255, 0, 0]).all() and (ref_cell[:, 0] == 255).all()  # fitted, letterboxed in white
+    assert (sheet[16:24, 4:14] == [0, 0, 255]).all()
+    for i in range(7):
+        row, col = divmod(i, 3)
+        top, left = 4 + row * 12, 4 + 14 + 12 + col * 14
+        assert (sheet[top : top + 8, left : left + 10] == 20 * i).all()
+    with pytest.raises(ValueError, match=r"\[F, H, W, 3\]"):
+        contact_sheet([], frames[0])
 
 
 def test_same_seed_same_latents_and_rerun_skips(tmp_path, refs, caplog):

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from tools.eval_shapes import ground_truth, score_subject
+from tools.eval_shapes import ground_truth, load_clips, score_subject, table
 from tools.make_shapes_dataset import make_clip, write_clip
 from tools.shapes_world import COLOURS, SHAPES, is_held_out
 
@@ -34,8 +34,10 @@ def test_held_out_pairs_never_appear_in_training_clips():
 def test_detector_scores_ground_truth_clips(tmp_path):
     for index in range(40):
         write_clip(tmp_path, make_clip(1, index))
-    figures = ground_truth(tmp_path / "train", limit=40)
+    figures = ground_truth(load_clips(tmp_path / "train", 40, seed=0, with_frames=True))
     assert figures["identity"] >= 0.95 and figures["motion"] >= 0.95 and figures["presence"] >= 0.95
+    generated = ground_truth(load_clips(None, 12, seed=1, with_frames=True))  # held-out clips, made in memory
+    assert generated["identity"] >= 0.95 and generated["n_videos"] == 12
     meta = json.loads(next((tmp_path / "train" / "meta").glob("*.json")).read_text())
     assert meta["caption"] and (tmp_path / "train" / "references" / meta["id"] / "ref1.png").is_file()
     blank = np.full((9, 96, 96, 3), 255, dtype=np.uint8)
@@ -65,3 +67,11 @@ def test_vae_training_tool_writes_a_loadable_vae(tmp_path):
     latents = vae.encode(torch.zeros(1, 3, 9, 96, 96))
     assert latents.shape == (1, 3, 16, 12, 12)
     assert vae.shift.flatten().tolist() != [0.0] * 16  # measured latent statistics, not Wan's defaults
+
+
+def test_evaluation_table_marks_goals():
+    text = table({"identity_accuracy": 0.85, "shape_accuracy": 0.5, "presence": 0.9, "n_videos": 4})
+    lines = text.splitlines()
+    assert lines[1].split()[1:] == ["0.850", ">=", "0.80", "met"]
+    assert lines[2].split()[1:] == ["0.500", ">=", "0.80", "NOT", "met"]
+    assert lines[3].split()[1:] == ["0.900"] and lines[4].split()[1:] == ["4"]

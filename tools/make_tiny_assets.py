@@ -45,8 +45,10 @@ def corpus() -> list[str]:
     return lines + [" ".join(WORDS)]
 
 
-def make_tokenizer(out: Path, lines: list[str] | None = None, vocab_size: int = 160) -> int:
-    """Train a sentencepiece unigram model on ``lines`` and save it as a Hugging Face T5 tokenizer.
+def make_tokenizer(
+    out: Path, lines: list[str] | None = None, vocab_size: int = 160, model_type: str = "unigram"
+) -> int:
+    """Train a sentencepiece model (``unigram`` or ``word``) on ``lines``; save it as a Hugging Face T5 tokenizer.
 
     ``T5TokenizerFast(vocab_file=...)`` silently builds a 4-token vocabulary in transformers 5
     (environment.md §6), so the tokenizer goes through ``from_pretrained`` of the spm folder.
@@ -61,7 +63,7 @@ def make_tokenizer(out: Path, lines: list[str] | None = None, vocab_size: int = 
             input=f"{tmp}/corpus.txt",
             model_prefix=f"{tmp}/spiece",
             vocab_size=vocab_size,
-            model_type="unigram",
+            model_type=model_type,
             pad_id=0,
             eos_id=1,
             unk_id=2,

@@ -178,14 +178,20 @@ def reference_image(shape: str, colour: str, rng: np.random.Generator) -> Image.
     return canvas.convert("RGB")
 
 
+def subject_phrase(who: str, motion: str) -> str:
+    return f"{who} {MOTION_WORDS[motion]}"
+
+
+def ordinal_caption(motions: list[str]) -> str:
+    """'the first object moves left while the second object bounces': no colour or shape named."""
+    return " while ".join(subject_phrase(f"the {ORDINALS[k]} object", m) for k, m in enumerate(motions))
+
+
 def caption(subjects: list[Subject], rng: np.random.Generator) -> str:
     """Half the captions name colours and shapes; the others only say 'the first object'..."""
-    named = rng.random() < 0.5
-    parts = []
-    for k, s in enumerate(subjects):
-        who = f"the {s.colour} {s.shape}" if named else f"the {ORDINALS[k]} object"
-        parts.append(f"{who} {MOTION_WORDS[s.motion]}")
-    return " while ".join(parts)
+    if rng.random() < 0.5:
+        return " while ".join(subject_phrase(f"the {s.colour} {s.shape}", s.motion) for s in subjects)
+    return ordinal_caption([s.motion for s in subjects])
 
 
 # ---------------------------------------------------------------------------------------------
