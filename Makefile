@@ -1,6 +1,6 @@
 # make install: create .venv when missing and install (quick when already installed)
 # make test:    install + lint + the whole test suite
-# make demo:    install + the main job on the tiny model
+# make demo:    install + the main job on the shipped demo model (assets/kaleido-shapes)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -25,7 +25,7 @@ test: lint
 	$(PY) -m pytest -q
 
 demo: install
-	$(PY) sample_video.py --config configs/model/kaleido_tiny.yaml configs/sampling/tiny.yaml
+	$(PY) sample_video.py --config configs/model/kaleido_tiny.yaml configs/sampling/shapes.yaml
 
 bench: install
 	$(PY) benchmarks/dit_forward.py

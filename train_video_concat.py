@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from data_video import DataConfig, VideoDataset
 from sat.arguments import config_parser, parse_config
 from sat.config import to_yaml
-from sat.parallel import enable_sequence_parallel, init_parallel
+from sat.parallel import enable_sequence_parallel, free_port, init_parallel
 from sat.training import (
     OptimizerConfig,
     ScheduleConfig,
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     if not dist.is_initialized():  # DeepSpeed needs a process group, even for one process
         for key, value in (
             ("MASTER_ADDR", "127.0.0.1"),
-            ("MASTER_PORT", "29511"),
+            ("MASTER_PORT", str(free_port())),  # two single-process jobs must not clash
             ("RANK", "0"),
             ("LOCAL_RANK", "0"),
             ("WORLD_SIZE", "1"),

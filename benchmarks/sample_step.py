@@ -17,7 +17,6 @@ import argparse
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sat.config import load_config  # noqa: E402
-from sat.parallel import UlyssesAttention, init_parallel  # noqa: E402
+from sat.parallel import UlyssesAttention, free_port, init_parallel  # noqa: E402
 
 log = logging.getLogger("sample_step")
 CONFIGS = {
@@ -102,12 +101,6 @@ def report(result: dict) -> None:
         100 * result["vae_s"] / total,
         100 * result["text_s"] / total,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv=None) -> int:

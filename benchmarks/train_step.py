@@ -18,7 +18,6 @@ import argparse
 import json
 import logging
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from sat.parallel import free_port  # noqa: E402
 
 log = logging.getLogger("train_step")
 ARCH = {
@@ -83,12 +84,6 @@ def child(zero_stage: int, checkpointing: bool, steps: int) -> dict:
     dist.barrier()
     dist.destroy_process_group()
     return result
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(processes: int, zero_stage: int, checkpointing: bool, steps: int) -> dict:

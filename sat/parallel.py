@@ -12,6 +12,7 @@ collective: ``enable_sequence_parallel`` swaps its attention function from outsi
 from __future__ import annotations
 
 import os
+import socket
 import time
 from dataclasses import dataclass
 
@@ -20,6 +21,13 @@ import torch.distributed as dist
 
 from sgm.modules.attention import attention_heads
 from sgm.modules.dit import KaleidoDiT, SelfAttention
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a rendezvous that must not clash with other jobs)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import sample_video
+from sat.parallel import free_port
 from sgm.data.references import fit_reference, load_reference, split_selector
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,12 +178,6 @@ def test_reference_helpers():
     pixels = np.asarray(wide)
     assert (pixels[0] == 255).all() and (pixels[32] == 0).all()  # 96x24 image centred, white above
     assert np.asarray(fit_reference(Image.new("RGB", (10, 40)), 64, 96))[:, 0].min() == 255
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.distributed

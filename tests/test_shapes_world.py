@@ -52,6 +52,7 @@ def test_detector_scores_ground_truth_clips(tmp_path):
 
 def test_vae_training_tool_writes_a_loadable_vae(tmp_path):
     import torch
+    from safetensors.torch import load_file
 
     from sgm.models.wan_vae import WanVAE
     from tools.train_vae import main as train_vae
@@ -67,6 +68,31 @@ def test_vae_training_tool_writes_a_loadable_vae(tmp_path):
     latents = vae.encode(torch.zeros(1, 3, 9, 96, 96))
     assert latents.shape == (1, 3, 16, 12, 12)
     assert vae.shift.flatten().tolist() != [0.0] * 16  # measured latent statistics, not Wan's defaults
+
+    # decoder-only fine-tuning from it keeps the encoder, hence the latents a DiT was trained on
+    tuned = tmp_path / "tuned"
+    assert (
+        train_vae(
+            [
+                *args[:3],
+                str(tuned),
+                "--minutes",
+                "0.01",
+                "--clips",
+                "6",
+                "--batch",
+                "1",
+                "--init",
+                str(out),
+                "--freeze-encoder",
+            ]
+        )
+        == 0
+    )
+    before, after = (load_file(str(d / "diffusion_pytorch_model.safetensors")) for d in (out, tuned))
+    encoder = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    assert encoder and all(torch.equal(before[k], after[k]) for k in encoder)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
 
 
 def test_evaluation_table_marks_goals():

@@ -3,7 +3,6 @@
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch
 
 import data_video
 from data_video import DataConfig, VideoDataset, select_frames
+from sat.parallel import free_port
 from sat.training import ScheduleConfig, estimate_memory, lr_factor, parameter_groups, prune_checkpoints
 from sgm.registry import build_dit
 from tools.make_toy_videos import make_video_dataset
@@ -24,12 +24,6 @@ TRAIN = ["train_video_concat.py", "--config", "configs/model/kaleido_tiny.yaml",
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     return make_video_dataset(tmp_path_factory.mktemp("data"), count=4)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
@@ -220,7 +214,8 @@ def test_precomputed_latents_train_like_videos(tmp_path):
         f"data.root={root}",
     ]
     for cmd in (
-        tool,
+        [*tool, "--shard", "0/2"],  # two shards cover the set: samples 0, 2 and 1
+        [*tool, "--shard", "1/2"],
         [*base, f"save={tmp_path / 'videos'}"],
         [*base, f"save={tmp_path / 'latents'}", "data.latents=true"],
     ):
@@ -228,3 +223,5 @@ def test_precomputed_latents_train_like_videos(tmp_path):
         assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in (root / "latents").iterdir()) == [f"clip00{i}.safetensors" for i in range(3)]
     assert losses(tmp_path / "videos") == losses(tmp_path / "latents")  # the same numbers, without the VAE
+    bad = subprocess.run([*tool, "--shard", "2/2"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--shard must be K/N" in bad.stderr

@@ -160,6 +160,7 @@ def evaluate_model(clips: list[Clip], config_files: list[str], overrides: list[s
         "colour_accuracy": result["colour"],
         "shape_accuracy": result["shape"],
         "identity_accuracy_blank_refs": summarise(blank)["identity"],
+        "colour_accuracy_blank_refs": summarise(blank)["colour"],
         "presence": result["presence"],
         "motion_accuracy": result["motion"],
         "swap_following": float(np.mean(swapped)) if swapped else 0.0,

@@ -6,7 +6,8 @@ Reads the dataset exactly as training does (frame rule, resize and crop, letterb
 encodes the video and every reference (one frame each) and writes
 ``<data.root>/latents/<id>.safetensors`` (``video [T, C, h, w]``, ``subjects [N, C, h, w]``,
 float32), each through a temporary name. Train on them with ``data.latents=true``. Existing files
-are kept (rerun after an interruption); bad samples are skipped and counted.
+are kept (rerun after an interruption); bad samples are skipped and counted. ``--shard K/N`` splits
+the work between N processes started at once (e.g. one thread each on a CPU).
 """
 
 from __future__ import annotations
@@ -33,7 +34,14 @@ log = logging.getLogger("precompute_latents")
 
 def main(argv=None) -> int:
     parser = config_parser(__doc__)
-    _, config = parse_config(parser, TrainingConfig, argv)
+    parser.add_argument("--shard", default="0/1", help="K/N: this process encodes samples K, K+N, ... (run N at once)")
+    args, config = parse_config(parser, TrainingConfig, argv)
+    try:
+        shard, shards = (int(v) for v in args.shard.split("/"))
+        if not 0 <= shard < shards:
+            raise ValueError
+    except ValueError:
+        parser.exit(2, f"error: --shard must be K/N with 0 <= K < N, got '{args.shard}'\n")
     config.data.latents = False
     try:
         dataset = VideoDataset(config.data)
@@ -44,7 +52,7 @@ def main(argv=None) -> int:
     out = Path(config.data.root) / LATENT_FOLDER
     out.mkdir(exist_ok=True)
     written = skipped = kept = 0
-    for sample_id in tqdm(dataset.ids, desc="latents"):
+    for sample_id in tqdm(dataset.ids[shard::shards], desc="latents"):
         target = out / f"{sample_id}.safetensors"
         if target.is_file():
             kept += 1

@@ -3,7 +3,9 @@
     python tools/train_vae.py --data data/shapes --out assets/kaleido-shapes/vae --minutes 60
 
 Clips and reference images (as one-frame clips, the way references are encoded) are reconstructed
-with an L1 + MSE loss on a posterior sample plus a small KL term. The network is convolutional, so
+with an L1 + MSE loss plus a small KL term. The decoder reads the posterior mean, which is what
+Kaleido encodes (a posterior sample, ``--sample-posterior``, starts with unit noise on the latents
+and needs thousands of steps to shrink it: far slower to converge on a CPU budget). The network is convolutional, so
 it is trained on random crops (``--crop`` pixels, ``--frames`` frames), which makes a step about
 ten times cheaper than whole 96×96×9 clips; the last ``--full-fraction`` of the budget trains on
 whole clips, so borders are seen as at sampling time. ``--init`` continues from a saved VAE;
@@ -87,6 +89,11 @@ def main(argv=None) -> int:
     parser.add_argument("--full-fraction", type=float, default=0.15, help="last share of the budget on whole clips")
     parser.add_argument("--init", help="continue from this saved VAE (diffusers folder)")
     parser.add_argument("--freeze-encoder", action="store_true", help="train the decoder only (keeps the latents)")
+    parser.add_argument(
+        "--sample-posterior",
+        action="store_true",
+        help="decode a posterior sample (a VAE's usual objective) instead of the mean, which Kaleido uses",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.crop % 8 or (args.frames - 1) % 4:
@@ -131,7 +138,8 @@ def main(argv=None) -> int:
         loss = 0.0
         for x in (to_unit(clips), to_unit(images)):
             posterior = model.encode(x).latent_dist
-            out = model.decode(posterior.sample(generator=None)).sample
+            z = posterior.sample(generator=None) if args.sample_posterior else posterior.mode()
+            out = model.decode(z).sample
             loss = loss + (out - x).abs().mean() + (out - x).pow(2).mean() + KL_WEIGHT * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -163,6 +171,7 @@ def main(argv=None) -> int:
         "full_fraction": args.full_fraction,
         "init": args.init,
         "freeze_encoder": args.freeze_encoder,
+        "sample_posterior": args.sample_posterior,
         "psnr_heldout_db": score,
     }
     (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
