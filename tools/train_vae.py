@@ -4,16 +4,15 @@
 
 Clips and reference images (as one-frame clips, the way references are encoded) are reconstructed
 with an L1 + MSE loss plus a small KL term. The decoder reads the posterior mean, which is what
-Kaleido encodes (a posterior sample, ``--sample-posterior``, starts with unit noise on the latents
-and needs thousands of steps to shrink it: far slower to converge on a CPU budget). The network is convolutional, so
-it is trained on random crops (``--crop`` pixels, ``--frames`` frames), which makes a step about
-ten times cheaper than whole 96×96×9 clips; the last ``--full-fraction`` of the budget trains on
-whole clips, so borders are seen as at sampling time. ``--init`` continues from a saved VAE;
-``--freeze-encoder`` trains the decoder only, which keeps the latent space (and a DiT trained on
-it) valid while the reconstructions improve. Training stops at the time budget; the model is saved
-as a diffusers folder (``config.json`` with the latent mean/std measured on training clips, so the
-wrapper normalises them like Wan's, and the weights), written to a temporary folder and renamed.
-The held-out clips' reconstruction PSNR is printed.
+Kaleido encodes (``--sample-posterior`` decodes a sample instead; on this data it converged no
+faster). The network is convolutional, so it is trained on random crops (``--crop`` pixels,
+``--frames`` frames): per clip about six times cheaper than whole 96×96×9 clips. The last
+``--full-fraction`` of the budget trains on whole clips, so borders are seen as at sampling time.
+``--init`` continues from a saved VAE; ``--freeze-encoder`` trains the decoder only, which keeps
+the latent space (and a DiT trained on it) valid while the reconstructions improve. Training stops
+at the time budget; the model is saved as a diffusers folder (``config.json`` with the latent
+mean/std measured on training clips, so the wrapper normalises them like Wan's, and the weights),
+written to a temporary folder and renamed. The held-out clips' reconstruction PSNR is printed.
 """
 
 from __future__ import annotations
