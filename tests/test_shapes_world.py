@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from tools.eval_shapes import ground_truth, load_clips, score_subject, table
 from tools.make_shapes_dataset import make_clip, write_clip
@@ -101,3 +102,17 @@ def test_evaluation_table_marks_goals():
     assert lines[1].split()[1:] == ["0.850", ">=", "0.80", "met"]
     assert lines[2].split()[1:] == ["0.500", ">=", "0.80", "NOT", "met"]
     assert lines[3].split()[1:] == ["0.900"] and lines[4].split()[1:] == ["4"]
+
+
+def test_vae_learning_rate_follows_the_time_budget():
+    from sat.training import ScheduleConfig
+    from tools.train_vae import budget_lr
+
+    cosine = ScheduleConfig(style="cosine", warmup_fraction=0.1, release_warmup=False, min_lr_fraction=0.05)
+    assert budget_lr(1e-3, 0.0, cosine) == pytest.approx(1e-3 / 100)  # first tick of a 100-tick warm-up
+    assert budget_lr(1e-3, 0.0999, cosine) == pytest.approx(1e-3)  # end of the warm-up
+    assert budget_lr(1e-3, 0.55, cosine) == pytest.approx(1e-3 * (0.05 + 0.95 * 0.5), rel=1e-2)  # half-way down
+    assert budget_lr(1e-3, 1.0, cosine) == pytest.approx(1e-3 * 0.05)  # the floor at the deadline
+    assert budget_lr(1e-3, 1.7, cosine) == pytest.approx(1e-3 * 0.05)  # past it (the last step overruns)
+    constant = ScheduleConfig(style="constant", warmup_fraction=0.0, release_warmup=False)
+    assert budget_lr(1e-3, 0.3, constant) == budget_lr(1e-3, 0.9, constant) == 1e-3

@@ -3,6 +3,7 @@
     python tools/eval_shapes.py                       # the shipped demo model, 40 generated held-out clips
     python tools/eval_shapes.py --data data/shapes/heldout --load <checkpoint> [--limit 50] [--json out.json]
     python tools/eval_shapes.py --ground-truth        # validate the detector on the clips themselves
+    python tools/eval_shapes.py --reconstruct         # the VAE alone: score its reconstructions of the clips
 
 Clips come from ``--data`` (a held-out split written by tools/make_shapes_dataset.py) or, without
 it, are generated here (held-out clips of ``--seed``: each has a colour–shape pair never seen in
@@ -21,6 +22,8 @@ subject by its catalogue colour in every frame:
   second reference: swap-following).
 
 ``--ground-truth`` scores the clips' own videos instead, which validates the detector.
+``--reconstruct`` scores the config's VAE's reconstructions (encode, decode) of those videos: the
+ceiling that any DiT generating through this VAE can reach.
 """
 
 from __future__ import annotations
@@ -122,6 +125,26 @@ def ground_truth(clips: list[Clip]) -> dict:
     return {**summarise(scores), "n_videos": len(clips)}
 
 
+def reconstruct(clips: list[Clip], config_files: list[str], overrides: list[str]) -> list[Clip]:
+    """The clips with their frames replaced by the config's VAE's reconstructions."""
+    import torch
+    from tqdm.auto import tqdm
+
+    import sample_video
+    from sat.config import load_config
+    from sgm.data.references import video_to_uint8
+    from sgm.models.wan_vae import build_vae
+
+    config = load_config(sample_video.SamplingConfig, config_files, overrides)
+    vae = build_vae(config.vae, torch.device("cpu"))
+    out = []
+    for clip in tqdm(clips, desc="reconstruct"):
+        video = torch.from_numpy(clip.frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # [1, 3, F, H, W]
+        frames = video_to_uint8(vae.decode(vae.encode(video))[0])
+        out.append(Clip(clip.id, clip.subjects, clip.references, frames))
+    return out
+
+
 def evaluate_model(clips: list[Clip], config_files: list[str], overrides: list[str]) -> dict:
     import torch
     from PIL import Image
@@ -188,7 +211,9 @@ def main(argv=None) -> int:
     parser.add_argument("--load", help="DiT checkpoint to evaluate (default: the config's)")
     parser.add_argument("--config", nargs="+", default=DEFAULT_CONFIG)
     parser.add_argument("--limit", type=int, default=40, help="held-out clips to use")
-    parser.add_argument("--ground-truth", action="store_true", help="score the clips' own videos")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--ground-truth", action="store_true", help="score the clips' own videos")
+    mode.add_argument("--reconstruct", action="store_true", help="score the VAE's reconstructions of the clips")
     parser.add_argument("--json", help="write the figures to this file")
     parser.add_argument("overrides", nargs="*", default=[], metavar="key=value")
     args = parser.parse_args(argv)
@@ -196,9 +221,11 @@ def main(argv=None) -> int:
     data = Path(args.data) if args.data else None
     if data is not None and not (data / "meta").is_dir():
         parser.exit(2, f"error: {data}: no meta/ folder (make it with tools/make_shapes_dataset.py)\n")
-    clips = load_clips(data, args.limit, args.seed, with_frames=args.ground_truth)
+    clips = load_clips(data, args.limit, args.seed, with_frames=args.ground_truth or args.reconstruct)
     if args.ground_truth:
         figures = ground_truth(clips)
+    elif args.reconstruct:
+        figures = ground_truth(reconstruct(clips, args.config, list(args.overrides)))
     else:
         overrides = [*args.overrides, f"load={args.load}"] if args.load else list(args.overrides)
         figures = evaluate_model(clips, args.config, overrides)

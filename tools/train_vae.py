@@ -13,6 +13,10 @@ the latent space (and a DiT trained on it) valid while the reconstructions impro
 at the time budget; the model is saved as a diffusers folder (``config.json`` with the latent
 mean/std measured on training clips, so the wrapper normalises them like Wan's, and the weights),
 written to a temporary folder and renamed. The held-out clips' reconstruction PSNR is printed.
+
+The learning rate follows the elapsed share of the time budget: a short linear warm-up, then a
+cosine decay to ``--min-lr-fraction`` (``--schedule constant`` keeps it flat), the same schedule
+function as the DiT's (``sat.training.lr_factor``), evaluated on a 1,000-tick clock of the budget.
 """
 
 from __future__ import annotations
@@ -33,8 +37,11 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sat.training import ScheduleConfig, lr_factor  # noqa: E402
+
 log = logging.getLogger("train_vae")
 KL_WEIGHT = 1e-6
+SCHEDULE_TICKS = 1000  # the time budget as a clock of this many ticks for sat.training.lr_factor
 
 
 def load_clips(folder: Path, limit: int) -> torch.Tensor:
@@ -66,6 +73,13 @@ def random_crop(x: torch.Tensor, size: int, frames: int, generator: torch.Genera
     return x[:, :, f0 : f0 + frames, y0 : y0 + size, x0 : x0 + size]
 
 
+def budget_lr(base_lr: float, elapsed_fraction: float, schedule: ScheduleConfig) -> float:
+    """The learning rate after ``elapsed_fraction`` of the time budget (``sat.training.lr_factor``
+    on a clock of ``SCHEDULE_TICKS`` ticks)."""
+    tick = min(SCHEDULE_TICKS, 1 + int(SCHEDULE_TICKS * max(0.0, elapsed_fraction)))
+    return base_lr * lr_factor(tick, SCHEDULE_TICKS, schedule)
+
+
 def psnr(model, clips: torch.Tensor) -> float:
     with torch.no_grad():
         x = to_unit(clips)
@@ -93,6 +107,9 @@ def main(argv=None) -> int:
         action="store_true",
         help="decode a posterior sample (a VAE's usual objective) instead of the mean, which Kaleido uses",
     )
+    parser.add_argument("--schedule", choices=("cosine", "constant"), default="cosine", help="lr over the budget")
+    parser.add_argument("--warmup-fraction", type=float, default=0.02, help="share of the budget warming up")
+    parser.add_argument("--min-lr-fraction", type=float, default=0.05, help="cosine floor, as a share of --lr")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.crop % 8 or (args.frames - 1) % 4:
@@ -125,13 +142,21 @@ def main(argv=None) -> int:
     start = time.time()
     deadline = start + 60 * args.minutes
     full_from = deadline - 60 * args.minutes * args.full_fraction
+    schedule = ScheduleConfig(
+        style=args.schedule,
+        warmup_fraction=args.warmup_fraction,
+        release_warmup=False,
+        min_lr_fraction=args.min_lr_fraction,
+    )
     step = 0
     bar = tqdm(desc="vae", unit="step")
-    while time.time() < deadline:
+    while (now := time.time()) < deadline:
+        for group in optimizer.param_groups:
+            group["lr"] = budget_lr(args.lr, (now - start) / (deadline - start), schedule)
         clip_idx = torch.randint(len(train), (args.batch,), generator=generator)
         ref_idx = torch.randint(len(refs), (args.batch,), generator=generator)
         clips, images = train[clip_idx], refs[ref_idx]
-        if time.time() < full_from:
+        if now < full_from:
             clips = random_crop(clips, args.crop, args.frames, generator)
             images = random_crop(images, args.crop, 1, generator)
         loss = 0.0
@@ -147,7 +172,7 @@ def main(argv=None) -> int:
         step += 1
         bar.update()
         if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
     model.eval()
     with torch.no_grad():
         latents = torch.cat(
@@ -171,6 +196,9 @@ def main(argv=None) -> int:
         "init": args.init,
         "freeze_encoder": args.freeze_encoder,
         "sample_posterior": args.sample_posterior,
+        "lr": args.lr,
+        "schedule": args.schedule,
+        "min_lr_fraction": args.min_lr_fraction,
         "psnr_heldout_db": score,
     }
     (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
