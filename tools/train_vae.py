@@ -14,9 +14,12 @@ at the time budget; the model is saved as a diffusers folder (``config.json`` wi
 mean/std measured on training clips, so the wrapper normalises them like Wan's, and the weights),
 written to a temporary folder and renamed. The held-out clips' reconstruction PSNR is printed.
 
-The learning rate follows the elapsed share of the time budget: a short linear warm-up, then a
-cosine decay to ``--min-lr-fraction`` (``--schedule constant`` keeps it flat), the same schedule
-function as the DiT's (``sat.training.lr_factor``), evaluated on a 1,000-tick clock of the budget.
+The learning rate is constant by default (the shipped VAE's recipe); ``--schedule cosine`` makes it
+follow the elapsed share of the time budget, a linear warm-up (``--warmup-fraction``) then a
+cosine decay to ``--min-lr-fraction``, with the DiT's schedule function (``sat.training.lr_factor``)
+on a 1,000-tick clock of the budget. Measured on one 2-core CPU (about 1.7× slower than the one
+the shipped VAE was trained on): 45 minutes, 40-px crops, lr 1.5e-3, 2 % warm-up, cosine gave
+22.64 dB held out, no better than the shipped constant-lr recipe (22.95 dB after 25 minutes).
 """
 
 from __future__ import annotations
@@ -107,8 +110,8 @@ def main(argv=None) -> int:
         action="store_true",
         help="decode a posterior sample (a VAE's usual objective) instead of the mean, which Kaleido uses",
     )
-    parser.add_argument("--schedule", choices=("cosine", "constant"), default="cosine", help="lr over the budget")
-    parser.add_argument("--warmup-fraction", type=float, default=0.02, help="share of the budget warming up")
+    parser.add_argument("--schedule", choices=("constant", "cosine"), default="constant", help="lr over the budget")
+    parser.add_argument("--warmup-fraction", type=float, default=0.0, help="share of the budget warming up")
     parser.add_argument("--min-lr-fraction", type=float, default=0.05, help="cosine floor, as a share of --lr")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
