@@ -46,6 +46,7 @@ from sat.training import (
     parameter_groups,
     prune_checkpoints,
     register_zero3_parameters,
+    remove_recovery_scripts,
 )
 from sgm.checkpoint import SAT_MODEL_FILE, load_dit_state_dict, read_dit_checkpoint
 from sgm.models.engine import training_loss
@@ -293,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                 save_consolidated(engine, save_dir / str(iteration + 1), parallel.rank)
             engine.save_checkpoint(str(save_dir), tag=str(iteration + 1), client_state=client)  # 'latest' last
             if parallel.rank == 0:
+                remove_recovery_scripts(save_dir)
                 prune_checkpoints(save_dir, config.keep_last)
     if parallel.rank == 0:
         log.info(

@@ -112,6 +112,22 @@ def register_zero3_parameters(model: nn.Module) -> None:
         register_external_parameter(model, layer_params)
 
 
+DEEPSPEED_RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
+
+
+def remove_recovery_scripts(save_dir: Path) -> list[Path]:
+    """Delete the ZeRO recovery scripts DeepSpeed copies beside every checkpoint.
+
+    Our checkpoints already hold the whole DiT in ``mp_rank_00_model_states.pt`` (ZeRO-3 runs write
+    it consolidated), which ``sample_video.py`` and ``tools/convert.py`` read with
+    ``weights_only=True``; the scripts are redundant and unpickle with ``weights_only=False``.
+    """
+    removed = [save_dir / name for name in DEEPSPEED_RECOVERY_SCRIPTS if (save_dir / name).is_file()]
+    for path in removed:
+        path.unlink()
+    return removed
+
+
 def prune_checkpoints(save_dir: Path, keep_last: int) -> list[Path]:
     """Delete all but the newest ``keep_last`` numbered checkpoint folders; returns what was removed."""
     numbered = sorted((p for p in save_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))

@@ -142,6 +142,7 @@ def test_two_process_training_lowers_the_loss_and_samples(dataset, tmp_path):
     assert sum(values[-6:]) / 6 < 0.8 * sum(values[:6]) / 6
     assert (save / "latest").read_text().strip() == "24" and (save / "24" / "mp_rank_00_model_states.pt").is_file()
     assert "train_iters: 24" in (save / "config.yaml").read_text()  # the resolved config next to the weights
+    assert not list(save.glob("zero_to_*.py"))  # DeepSpeed's unpickling recovery scripts are removed
     import sample_video
 
     out = tmp_path / "samples"
