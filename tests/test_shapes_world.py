@@ -116,3 +116,39 @@ def test_vae_learning_rate_follows_the_time_budget():
     assert budget_lr(1e-3, 1.7, cosine) == pytest.approx(1e-3 * 0.05)  # past it (the last step overruns)
     constant = ScheduleConfig(style="constant", warmup_fraction=0.0, release_warmup=False)
     assert budget_lr(1e-3, 0.3, constant) == budget_lr(1e-3, 0.9, constant) == 1e-3
+
+
+def test_vae_foreground_is_the_subjects_pixels():
+    import torch
+
+    from tools.train_vae import foreground
+
+    x = torch.full((2, 3, 5, 96, 96), 110, dtype=torch.uint8)  # plain grey clips
+    x[:, 0, :, 38:58, 30:50] = 220  # a 20 × 20 reddish subject in every frame
+    x[1, :, 3, 0:4, 0:4] = 255  # a white 4 × 4 one in frame 3 of the second clip
+    mask = foreground(x)
+    assert mask.shape == (2, 5, 96, 96) and int(mask.sum()) == 2 * 5 * 400 + 16
+    assert bool(mask[:, :, 38:58, 30:50].all()) and bool(mask[1, 3, :4, :4].all())
+    assert not bool(mask[0, 3, :4, :4].any())
+
+
+def test_vae_psnr_reports_all_pixels_and_the_subjects_pixels():
+    import math
+    from types import SimpleNamespace
+
+    import torch
+
+    from tools.train_vae import psnr
+
+    clips = torch.full((1, 3, 1, 16, 16), 128, dtype=torch.uint8)
+    clips[:, 2, :, :4, :4] = 255  # a 4 × 4 subject: 16 of 256 pixels
+
+    def model(x, sample_posterior):  # reconstructs the background exactly, the subject 0.2 off
+        out = x.clone()
+        out[:, :, :, :4, :4] -= 0.2
+        return SimpleNamespace(sample=out)
+
+    everything, subjects = psnr(model, clips)
+    mse_subject = (0.2 / 2) ** 2  # images in [-1, 1], PSNR on [0, 1]
+    assert subjects == pytest.approx(-10 * math.log10(mse_subject), abs=1e-3)
+    assert everything == pytest.approx(-10 * math.log10(mse_subject * 16 / 256), abs=1e-3)

@@ -137,3 +137,29 @@ def test_build_from_config_sections(release_file, tmp_path, reference):
     folder = build_vae(load_config(VAEConfig, [], [f"path={tmp_path / 'diffusers_vae'}", "dtype=float32"]), "cpu")
     video = torch.rand(1, 3, 1, 16, 16) * 2 - 1
     assert torch.equal(folder.encode(video), WanVAE.from_release_checkpoint(release_file).encode(video))
+
+
+def test_fast_rms_norms_give_the_same_training_forward_and_gradients():
+    import copy
+
+    from sgm.models.wan_vae import use_fast_rms_norms
+
+    torch.manual_seed(1)
+    slow = AutoencoderKLWan(**TINY)
+    with torch.no_grad():  # non-trivial gains, so a wrong scale or axis would show
+        for name, param in slow.named_parameters():
+            if name.endswith("gamma"):
+                param.uniform_(0.5, 1.5)
+    fast = copy.deepcopy(slow)
+    assert use_fast_rms_norms(fast) > 10
+    assert fast.state_dict().keys() == slow.state_dict().keys()
+    video = torch.rand(2, 3, 5, 32, 32) * 2 - 1
+    outputs, grads = [], []
+    for model in (slow, fast):
+        out = model(video, sample_posterior=False).sample
+        out.pow(2).mean().backward()
+        outputs.append(out.detach())
+        grads.append(model.decoder.conv_out.weight.grad.clone())
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-6)
+    assert outputs[0].abs().mean() > 1e-3  # not a trivially zero comparison

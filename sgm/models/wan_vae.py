@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
 from torch import nn
 
 from sgm.checkpoint import load_strict, read_state_dict
@@ -281,6 +282,34 @@ class WanVAE(nn.Module):
     def disable_memory_savers(self) -> None:
         self.model.disable_tiling()
         self.model.disable_slicing()
+
+
+def channel_rms_norm(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | float, scale: float) -> torch.Tensor:
+    """Wan's RMS norm over channels (dim 1): ``x / max(‖x‖, 1e-12) · √C · gamma + bias``.
+
+    The same values as diffusers' ``F.normalize`` form (to float32 rounding), but a sum of squares
+    and ``rsqrt`` instead of ``linalg.vector_norm`` over a strided dim: with its backward about 2.8×
+    faster on CPU, where it was a fifth of a training step of the tiny VAE.
+    """
+    inv = torch.rsqrt(x.pow(2).sum(dim=1, keepdim=True).clamp_min(1e-24))  # [B, 1, ...]: 1e-24 = (1e-12)²
+    return x * inv * scale * gamma + bias
+
+
+class _FastChannelRMSNorm(WanRMS_norm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return channel_rms_norm(x, self.gamma, self.bias, self.scale)
+
+
+def use_fast_rms_norms(model: nn.Module) -> int:
+    """Switch ``model``'s float32 channel-first Wan RMS norms to :func:`channel_rms_norm`, in place
+    (same parameters and state dict). For training on CPU; the frozen :class:`WanVAE` keeps
+    diffusers' form, which is the one verified bit-exact against the release. Returns the count."""
+    count = 0
+    for module in model.modules():
+        if type(module) is WanRMS_norm and module.channel_first and module.gamma.dtype == torch.float32:
+            module.__class__ = _FastChannelRMSNorm
+            count += 1
+    return count
 
 
 @dataclass
