@@ -23,7 +23,7 @@ the shipped VAE was trained on): 45 minutes, 40-px crops, lr 1.5e-3, 2 % warm-up
 
 The Wan RMS norms are switched to their sum-of-squares form while training
 (``sgm.models.wan_vae.use_fast_rms_norms``: same values, a step of batch 8 × 40-px × 5-frame crops
-1.06 → 0.78 s on that CPU). Besides the PSNR over all pixels, the PSNR over the subjects' pixels
+0.98 → 0.78 s on that CPU, ``benchmarks/vae_train_step.py``). Besides the PSNR over all pixels, the PSNR over the subjects' pixels
 (``foreground``) is printed: it is what the shapes detector reads, and the plain backgrounds
 flatter the first figure. The shipped VAE: 23.68 dB in all, 13.82 dB on the subjects; per frame
 on the subjects 18.9 dB for the first frame (encoded alone) and 12.1–16.1 dB for the eight frames
