@@ -288,8 +288,8 @@ def channel_rms_norm(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | 
     """Wan's RMS norm over channels (dim 1): ``x / max(‖x‖, 1e-12) · √C · gamma + bias``.
 
     The same values as diffusers' ``F.normalize`` form (to float32 rounding), but a sum of squares
-    and ``rsqrt`` instead of ``linalg.vector_norm`` over a strided dim: with its backward about 2.8×
-    faster on CPU, where it was a fifth of a training step of the tiny VAE.
+    and ``rsqrt`` instead of ``linalg.vector_norm`` over a strided dim, which was a fifth of a CPU
+    training step of the tiny VAE (steps 1.25× faster: ``benchmarks/vae_train_step.py``).
     """
     inv = torch.rsqrt(x.pow(2).sum(dim=1, keepdim=True).clamp_min(1e-24))  # [B, 1, ...]: 1e-24 = (1e-12)²
     return x * inv * scale * gamma + bias
