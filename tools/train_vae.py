@@ -14,26 +14,27 @@ at the time budget; the model is saved as a diffusers folder (``config.json`` wi
 mean/std measured on training clips, so the wrapper normalises them like Wan's, and the weights),
 written to a temporary folder and renamed. The held-out clips' reconstruction PSNR is printed.
 
-The learning rate is constant by default (the shipped VAE's recipe); ``--schedule cosine`` makes it
+The learning rate is constant by default; ``--schedule cosine`` (the shipped VAE's recipe) makes it
 follow the elapsed share of the time budget, a linear warm-up (``--warmup-fraction``) then a
 cosine decay to ``--min-lr-fraction``, with the DiT's schedule function (``sat.training.lr_factor``)
 on a 1,000-tick clock of the budget. Measured on one 2-core CPU (about 1.7× slower than the one
-the shipped VAE was trained on): 45 minutes, 40-px crops, lr 1.5e-3, 2 % warm-up, cosine gave
-22.64 dB held out, no better than the shipped constant-lr recipe (22.95 dB after 25 minutes).
+the previous VAE was trained on): 45 minutes, 40-px crops, lr 1.5e-3, 2 % warm-up, cosine gave
+22.64 dB held out, no better than the previous constant-lr recipe (22.95 dB after 25 minutes).
 
 The Wan RMS norms are switched to their sum-of-squares form while training
 (``sgm.models.wan_vae.use_fast_rms_norms``: same values, a step of batch 8 × 40-px × 5-frame crops
 0.98 → 0.78 s on that CPU, ``benchmarks/vae_train_step.py``). Besides the PSNR over all pixels, the
 PSNR over the subjects' pixels (``foreground``) is printed: it is what the shapes detector reads,
-and the plain backgrounds flatter the first figure. The shipped VAE: 23.68 dB in all, 13.82 dB on
-the subjects; per frame on the subjects 18.9 dB for the first frame (encoded alone) and 12.1–16.1 dB
-for the eight frames held by the two 4-frame latent chunks, while any of those frames encoded alone
-scores 18.9 dB: the temporal compression of 7-px-per-frame motion costs the subjects 3–7 dB.
-Six-minute probes (batch 8, 40-px crops, lr 1e-3, held out: all / subjects): uniform crops 19.10 /
-11.50 dB; each crop the window with the most subject pixels of four random ones 17.29 / 11.34 dB
-(not kept); a world moving 4 px per frame instead of 7, 20.75 / 11.73 dB. Sixty minutes with the
-faster steps (``--schedule cosine --warmup-fraction 0.02 --crop 48 --batch 8 --full-fraction 0.1``,
-lr 1e-3): 2,598 steps, 25.01 / 15.14 dB.
+and the plain backgrounds flatter the first figure. The previous VAE (constant lr, 25 minutes, then
+35 of the decoder alone): 23.68 dB in all, 13.82 dB on the subjects; per frame on the subjects 18.9
+dB for the first frame (encoded alone) and 12.1–16.1 dB for the eight frames held by the two 4-frame
+latent chunks, while any of those frames encoded alone scores 18.9 dB: the temporal compression of
+7-px-per-frame motion costs the subjects 3–7 dB. Six-minute probes (batch 8, 40-px crops, lr 1e-3,
+held out: all / subjects): uniform crops 19.10 / 11.50 dB; each crop the window with the most
+subject pixels of four random ones 17.29 / 11.34 dB (not kept); a world moving 4 px per frame
+instead of 7, 20.75 / 11.73 dB. Sixty minutes with the faster steps (``--schedule cosine
+--warmup-fraction 0.02 --crop 48 --batch 8 --full-fraction 0.1``, lr 1e-3, ``--clips 800``): 2,598
+steps, 25.01 / 15.14 dB, the shipped VAE.
 """
 
 from __future__ import annotations
