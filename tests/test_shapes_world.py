@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from tools.eval_shapes import ground_truth, load_clips, score_subject, table
+from tools.eval_shapes import confusion, ground_truth, load_clips, score_subject, table
 from tools.make_shapes_dataset import make_clip, write_clip
 from tools.shapes_world import COLOURS, SHAPES, is_held_out
 
@@ -48,7 +48,19 @@ def test_detector_scores_ground_truth_clips(tmp_path):
         "identity": False,
         "presence": 0.0,
         "motion": False,
+        "detected_shape": None,
+        "detected_motion": None,
     }
+
+
+def test_confusion_counts_asked_against_detected():
+    asked_seen = [("circle", "circle"), ("circle", "star"), ("star", None), ("circle", "circle")]
+    header, *rows = (line.split() for line in confusion(asked_seen, SHAPES).splitlines())
+    assert header == [*SHAPES, "-"]
+    assert rows == [
+        ["circle", "2", ".", ".", "1", ".", ".", ".", ".", "."],
+        ["star", ".", ".", ".", ".", ".", ".", ".", ".", "1"],
+    ]
 
 
 def test_vae_training_tool_writes_a_loadable_vae(tmp_path):

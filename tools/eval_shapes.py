@@ -23,7 +23,9 @@ subject by its catalogue colour in every frame:
 
 ``--ground-truth`` scores the clips' own videos instead, which validates the detector.
 ``--reconstruct`` scores the config's VAE's reconstructions (encode, decode) of those videos: the
-ceiling that any DiT generating through this VAE can reach.
+ceiling that any DiT generating through this VAE can reach. ``--confusion`` also prints, for the
+videos made with the references, which shape and which motion the detector found for each
+referenced shape and captioned motion ("-": the subject's colour was not found in enough frames).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tools.make_shapes_dataset import HELD_OUT_EVERY, make_clip  # noqa: E402
-from tools.shapes_world import detect, motion_direction, ordinal_caption  # noqa: E402
+from tools.shapes_world import MOTIONS, SHAPES, detect, motion_direction, ordinal_caption  # noqa: E402
 
 log = logging.getLogger("eval_shapes")
 DEFAULT_CONFIG = ["configs/model/kaleido_tiny.yaml", "configs/sampling/shapes.yaml"]
@@ -73,14 +75,17 @@ def score_subject(frames: np.ndarray, shape: str, colour: str, motion: str) -> d
             shapes.append(found[0].shape)
     presence = len(centres) / len(frames)
     colour_ok = presence >= 0.5
-    shape_ok = colour_ok and Counter(shapes).most_common(1)[0][0] == shape
-    motion_ok = len(centres) == len(frames) and motion_direction(centres, areas) == motion
+    seen_shape = Counter(shapes).most_common(1)[0][0] if colour_ok else None
+    # a motion is only read from a track of every frame: a gap would fake a jump
+    seen_motion = motion_direction(centres, areas) if len(centres) == len(frames) else None
     return {
         "colour": colour_ok,
-        "shape": shape_ok,
-        "identity": colour_ok and shape_ok,
+        "shape": seen_shape == shape,
+        "identity": colour_ok and seen_shape == shape,
         "presence": presence,
-        "motion": motion_ok,
+        "motion": seen_motion == motion,
+        "detected_shape": seen_shape,
+        "detected_motion": seen_motion,
     }
 
 
@@ -120,9 +125,42 @@ def load_clips(data: Path | None, limit: int, seed: int, with_frames: bool) -> l
     return clips
 
 
+Scored = tuple[dict, dict]  # (the subject asked for: shape, colour, motion; score_subject's result)
+
+
+def score_clips(clips: list[Clip]) -> list[Scored]:
+    """Every subject of every clip, scored in the clip's own frames."""
+    return [(s, score_subject(c.frames, s["shape"], s["colour"], s["motion"])) for c in clips for s in c.subjects]
+
+
+def subject_figures(scored: list[Scored], n_videos: int) -> dict:
+    return {**summarise([score for _, score in scored]), "n_videos": n_videos}
+
+
 def ground_truth(clips: list[Clip]) -> dict:
-    scores = [score_subject(c.frames, s["shape"], s["colour"], s["motion"]) for c in clips for s in c.subjects]
-    return {**summarise(scores), "n_videos": len(clips)}
+    return subject_figures(score_clips(clips), len(clips))
+
+
+def confusion(pairs: list[tuple[str, str | None]], labels: tuple[str, ...]) -> str:
+    """Counts of (asked, detected) label pairs: a row per asked label, a column per detected one, "-" = none."""
+    columns = [*labels, None]
+    counts = Counter(pairs)
+    width = max(len(label) for label in labels)
+    lines = [" " * width + "".join(f" {label or '-':>{width}}" for label in columns)]
+    for asked in labels:
+        row = [counts[(asked, seen)] for seen in columns]
+        if any(row):
+            lines.append(f"{asked:>{width}}" + "".join(f" {n or '.':>{width}}" for n in row))
+    return "\n".join(lines)
+
+
+def confusion_tables(scored: list[Scored]) -> str:
+    """The shape and the motion confusion tables of scored subjects."""
+    shapes = [(subject["shape"], score["detected_shape"]) for subject, score in scored]
+    motions = [(subject["motion"], score["detected_motion"]) for subject, score in scored]
+    return f"shape asked (rows) vs detected\n{confusion(shapes, SHAPES)}\n\n" + (
+        f"motion asked (rows) vs detected\n{confusion(motions, MOTIONS)}"
+    )
 
 
 def reconstruct(clips: list[Clip], config_files: list[str], overrides: list[str]) -> list[Clip]:
@@ -145,7 +183,16 @@ def reconstruct(clips: list[Clip], config_files: list[str], overrides: list[str]
     return out
 
 
-def evaluate_model(clips: list[Clip], config_files: list[str], overrides: list[str]) -> dict:
+@dataclass
+class ModelScores:
+    """What a model generated for the clips, scored: with the references, blank ones, swapped ones."""
+
+    normal: list[Scored]
+    blank: list[Scored]
+    swapped: list[bool]  # per swapped pair: the appearance followed the reference into its new slot
+
+
+def sample_and_score(clips: list[Clip], config_files: list[str], overrides: list[str]) -> ModelScores:
     import torch
     from PIL import Image
     from tqdm.auto import tqdm
@@ -168,27 +215,37 @@ def evaluate_model(clips: list[Clip], config_files: list[str], overrides: list[s
         subjects, refs = clip.subjects, clip.references
         caption = ordinal_caption([s["motion"] for s in subjects])
         frames = generate(caption, refs, config.seed + n)
-        normal += [score_subject(frames, s["shape"], s["colour"], s["motion"]) for s in subjects]
+        normal += [(s, score_subject(frames, s["shape"], s["colour"], s["motion"])) for s in subjects]
         white = [Image.new("RGB", r.size, (255, 255, 255)) for r in refs]
         frames = generate(caption, white, config.seed + n)
-        blank += [score_subject(frames, s["shape"], s["colour"], s["motion"]) for s in subjects]
+        blank += [(s, score_subject(frames, s["shape"], s["colour"], s["motion"])) for s in subjects]
         if len(subjects) >= 2:
             frames = generate(caption, [refs[1], refs[0], *refs[2:]], config.seed + n)
             for first, second in ((subjects[0], subjects[1]), (subjects[1], subjects[0])):
                 # the slot of `first` now shows the reference of `second`: its colour should move like `first`
                 swapped.append(score_subject(frames, second["shape"], second["colour"], first["motion"])["motion"])
-    result = summarise(normal)
+    return ModelScores(normal, blank, swapped)
+
+
+def model_figures(scores: ModelScores, n_videos: int) -> dict:
+    result = summarise([score for _, score in scores.normal])
+    blank = summarise([score for _, score in scores.blank])
     return {
         "identity_accuracy": result["identity"],
         "colour_accuracy": result["colour"],
         "shape_accuracy": result["shape"],
-        "identity_accuracy_blank_refs": summarise(blank)["identity"],
-        "colour_accuracy_blank_refs": summarise(blank)["colour"],
+        "identity_accuracy_blank_refs": blank["identity"],
+        "colour_accuracy_blank_refs": blank["colour"],
         "presence": result["presence"],
         "motion_accuracy": result["motion"],
-        "swap_following": float(np.mean(swapped)) if swapped else 0.0,
-        "n_videos": len(clips),
+        "swap_following": float(np.mean(scores.swapped)) if scores.swapped else 0.0,
+        "n_videos": n_videos,
     }
+
+
+def evaluate_model(clips: list[Clip], config_files: list[str], overrides: list[str]) -> dict:
+    """The figures of the model of ``config_files`` + ``overrides`` on ``clips``."""
+    return model_figures(sample_and_score(clips, config_files, overrides), len(clips))
 
 
 def table(figures: dict) -> str:
@@ -215,6 +272,7 @@ def main(argv=None) -> int:
     mode.add_argument("--ground-truth", action="store_true", help="score the clips' own videos")
     mode.add_argument("--reconstruct", action="store_true", help="score the VAE's reconstructions of the clips")
     parser.add_argument("--json", help="write the figures to this file")
+    parser.add_argument("--confusion", action="store_true", help="also print shape and motion confusion tables")
     parser.add_argument("overrides", nargs="*", default=[], metavar="key=value")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -222,14 +280,17 @@ def main(argv=None) -> int:
     if data is not None and not (data / "meta").is_dir():
         parser.exit(2, f"error: {data}: no meta/ folder (make it with tools/make_shapes_dataset.py)\n")
     clips = load_clips(data, args.limit, args.seed, with_frames=args.ground_truth or args.reconstruct)
-    if args.ground_truth:
-        figures = ground_truth(clips)
-    elif args.reconstruct:
-        figures = ground_truth(reconstruct(clips, args.config, list(args.overrides)))
+    if args.ground_truth or args.reconstruct:
+        scored = score_clips(reconstruct(clips, args.config, list(args.overrides)) if args.reconstruct else clips)
+        figures = subject_figures(scored, len(clips))
     else:
         overrides = [*args.overrides, f"load={args.load}"] if args.load else list(args.overrides)
-        figures = evaluate_model(clips, args.config, overrides)
+        scores = sample_and_score(clips, args.config, overrides)
+        scored, figures = scores.normal, model_figures(scores, len(clips))
     print(table(figures))
+    if args.confusion:
+        print()
+        print(confusion_tables(scored))
     if args.json:
         out = Path(args.json)
         tmp = out.with_name(out.name + ".tmp")
