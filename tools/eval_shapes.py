@@ -24,8 +24,9 @@ subject by its catalogue colour in every frame:
 ``--ground-truth`` scores the clips' own videos instead, which validates the detector.
 ``--reconstruct`` scores the config's VAE's reconstructions (encode, decode) of those videos: the
 ceiling that any DiT generating through this VAE can reach. ``--confusion`` also prints, for the
-videos made with the references, which shape and which motion the detector found for each
-referenced shape and captioned motion ("-": the subject's colour was not found in enough frames).
+scored videos (a model's: those made with the references), which shape and which motion the
+detector found for each referenced shape and captioned motion ("-": for a shape, the subject's
+colour was found in fewer than half of the frames; for a motion, not in every frame).
 """
 
 from __future__ import annotations
