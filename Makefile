@@ -25,7 +25,7 @@ test: lint
 	$(PY) -m pytest -q
 
 demo: install
-	$(PY) sample_video.py --config configs/model/kaleido_tiny.yaml configs/sampling/shapes.yaml
+	$(PY) sample_video.py --config configs/sampling/shapes.yaml
 
 bench: install
 	$(PY) benchmarks/dit_forward.py

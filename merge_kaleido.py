@@ -30,10 +30,16 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from sat.arguments import setup_logging
-from sgm.checkpoint import ENGINE_PREFIX, IGNORED_PREFIXES, diff_shapes, read_state_dict, shapes
+from sgm.checkpoint import (
+    ENGINE_PREFIX,
+    IGNORED_PREFIXES,
+    SAT_MODEL_FILE,
+    StateDictMismatchError,
+    read_state_dict,
+    write_model_card,
+    write_sat_checkpoint,
+)
 from sgm.convert.shards import (
     WEIGHT_SUFFIXES,
     ShardError,
@@ -45,7 +51,7 @@ from sgm.convert.shards import (
     write_safetensors,
 )
 from sgm.modules.encoders.text import RELEASE_T5_FILE
-from sgm.registry import ARCHITECTURES, build_dit
+from sgm.registry import ARCHITECTURES, architecture_card, check_dit_shapes, resolve_arch
 
 log = logging.getLogger("merge_kaleido")
 VAE_FILE = "Wan2.1_VAE.pth"
@@ -166,10 +172,10 @@ def collect_dit(download: Download) -> tuple[dict[str, TensorInfo], int]:
 
 
 def validate(tensors: dict[str, TensorInfo], model: str) -> int:
-    expected = shapes(build_dit(model, device="meta").state_dict())
-    diff = diff_shapes(expected, {k: v.shape for k, v in tensors.items()})
-    if diff:
-        raise MergeError(f"the merged DiT does not match {model}:\n{diff.report()}")
+    try:
+        check_dit_shapes({k: v.shape for k, v in tensors.items()}, model, "the merged DiT's tensors")
+    except StateDictMismatchError as exc:
+        raise MergeError(str(exc)) from None
     return sum(v.nbytes // v.dtype.itemsize for v in tensors.values())
 
 
@@ -194,14 +200,14 @@ def write_dit(tensors: dict[str, TensorInfo], folder: Path, fmt: str) -> dict[st
         for key, info in sorted(tensors.items()):
             if info.offsets is None:
                 states.setdefault(info.file, read_state_dict(info.file))
-                module[ENGINE_PREFIX + key] = states[info.file][info.key]
+                module[key] = states[info.file][info.key]
             else:
                 import safetensors
 
                 with safetensors.safe_open(str(info.file), "pt") as f:
-                    module[ENGINE_PREFIX + key] = f.get_tensor(info.key)
-        torch.save({"module": module}, iteration / "mp_rank_00_model_states.pt")
-        sizes[f"{ITERATION}/mp_rank_00_model_states.pt"] = (iteration / "mp_rank_00_model_states.pt").stat().st_size
+                    module[key] = f.get_tensor(info.key)
+        written = write_sat_checkpoint(folder, module, iteration=ITERATION)
+        sizes[f"{ITERATION}/{SAT_MODEL_FILE}"] = written.stat().st_size
     else:
         by_file: dict[Path, list[tuple[str, TensorInfo]]] = {}
         for key, info in sorted(tensors.items()):
@@ -267,6 +273,14 @@ def merge(args: argparse.Namespace) -> int:
                 sizes[f"{T5_FOLDER}/{path.name}"] = path.stat().st_size
         info = {"model": args.model, "parameters": params, "format": args.format, "files": sizes}
         (staged / "model" / INFO_FILE).write_text(json.dumps(info, indent=1))
+        card = architecture_card(
+            args.model,
+            resolve_arch(args.model),
+            next(iter(tensors.values())).dtype,
+            **{"vae": f"../{VAE_FILE}"} if download.vae is not None else {},
+            **{"text_encoder": f"../{T5_FOLDER}"} if download.t5_dir is not None else {},
+        )
+        write_model_card(staged / "model", card)
         for name in ("model", VAE_FILE, T5_FOLDER):
             if (staged / name).exists():
                 target = out / name

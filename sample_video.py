@@ -32,45 +32,14 @@ from tqdm.auto import tqdm
 
 from sat.arguments import config_parser, parse_config
 from sat.config import to_yaml
-from sat.parallel import ParallelState, enable_sequence_parallel, init_parallel
-from sgm.checkpoint import load_dit_state_dict, read_dit_checkpoint
+from sat.parallel import init_parallel
 from sgm.data.contact_sheet import contact_sheet
 from sgm.data.references import ReferenceError, load_reference, video_to_uint8
-from sgm.diffusion.schedules import SAMPLING_SHIFT
-from sgm.models.engine import KaleidoPipeline, SamplerSettings, Timings, video_frames
-from sgm.models.wan_vae import PIXEL_MULTIPLE, VAEConfig, build_vae
-from sgm.modules.encoders.conditioner import WAN_NEGATIVE_PROMPT, TextConditioner
-from sgm.modules.encoders.text import TextEncoderConfig, build_text_encoder
-from sgm.registry import ModelConfig, build_dit_from_config, resolve_dtype
+from sgm.pipeline import KaleidoPipeline, SamplingConfig, Timings, resolve_components, validate_sampling
+from sgm.registry import resolve_device
 
 log = logging.getLogger("sample_video")
-RELEASE_MAX_REFERENCES = 3  # what the release was trained with
 SLUG_LENGTH = 120
-
-
-@dataclass
-class SamplingConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    vae: VAEConfig = field(default_factory=VAEConfig)
-    load: str | None = None  # DiT checkpoint: SAT folder (latest + <iter>/...), .pt/.pth or .safetensors
-    input_file: str | None = None  # prompt@@ref lines (.txt) or JSONL
-    output_dir: str = "outputs/samples"
-    seed: int = 1234  # item i without its own seed uses seed + i
-    sampling_image_size: list[int] = field(default_factory=lambda: [512, 896])  # [height, width]
-    sampling_num_frames: int = 21  # latent frames (the release's meaning): 4(n-1)+1 video frames
-    sampling_fps: int = 16
-    num_steps: int = 50
-    guidance_scale: float = 6.0
-    shift: float = SAMPLING_SHIFT
-    sample_neg_prompt: str = WAN_NEGATIVE_PROMPT
-    max_references: int = RELEASE_MAX_REFERENCES
-    only_save_latents: bool = False
-    contact_sheet: bool = True  # contact_sheet.png: the references beside a grid of the frames
-    release_prompt_compat: bool = False  # True: T5 reads the whole line with its @@paths (release)
-    sequence_parallel_size: int = 1
-    sp_split: str = "auto"  # auto | height | width
-    device: str = "auto"  # auto (cuda when available) | cpu | cuda
 
 
 @dataclass
@@ -81,31 +50,6 @@ class Item:
     references: list[str] = field(default_factory=list)
     seed: int | None = None
     error: str | None = None
-
-
-def validate(config: SamplingConfig) -> None:
-    """Everything checkable before a model loads; raises ``ValueError`` naming the key."""
-    size = config.sampling_image_size
-    if len(size) != 2 or any(s <= 0 or s % PIXEL_MULTIPLE for s in size):
-        raise ValueError(f"sampling_image_size: expected [height, width], multiples of {PIXEL_MULTIPLE}, got {size}")
-    if config.sampling_num_frames < 1:
-        raise ValueError(f"sampling_num_frames: expected at least 1 latent frame, got {config.sampling_num_frames}")
-    if config.sampling_fps <= 0:
-        raise ValueError(f"sampling_fps: expected a positive frame rate, got {config.sampling_fps}")
-    if config.num_steps < 1:
-        raise ValueError(f"num_steps: expected at least 1, got {config.num_steps}")
-    if config.max_references < 0:
-        raise ValueError(f"max_references: expected 0 or more, got {config.max_references}")
-    if config.max_references > RELEASE_MAX_REFERENCES:
-        log.warning("max_references=%d: the release was trained with at most %d", config.max_references, 3)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if config.sequence_parallel_size < 1 or world % config.sequence_parallel_size:
-        raise ValueError(
-            f"sequence_parallel_size: {config.sequence_parallel_size} must be at least 1 and divide the number of "
-            f"processes ({world}; start several with torchrun --nproc_per_node)"
-        )
-    if config.sp_split not in ("auto", "height", "width"):
-        raise ValueError(f"sp_split: expected auto, height or width, got '{config.sp_split}'")
 
 
 def parse_line(index: int, line: str, compat: bool) -> Item:
@@ -199,25 +143,6 @@ def write_item(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def build_pipeline(config: SamplingConfig, device: torch.device, parallel: ParallelState) -> KaleidoPipeline:
-    if device.type == "cpu" and resolve_dtype(config.model.dtype) != torch.float32:
-        log.warning("%s on CPU is several times slower than float32 on most processors", config.model.dtype.value)
-    dit = build_dit_from_config(config.model, device="meta" if config.load else device)
-    if config.load:
-        load_dit_state_dict(dit, read_dit_checkpoint(config.load), assign=True)
-        dit = dit.to(device)
-        log.info("loaded DiT weights from %s", config.load)
-    else:
-        log.warning("no DiT checkpoint (load=...): %s has RANDOM weights, the videos will be noise", config.model.name)
-    enable_sequence_parallel(dit, parallel)
-    text_encoder = build_text_encoder(config.text_encoder, device)
-    vae = build_vae(config.vae, device)
-    settings = SamplerSettings(config.num_steps, config.guidance_scale, config.shift, config.sample_neg_prompt)
-    return KaleidoPipeline(
-        dit, vae, TextConditioner(text_encoder, ucg_rate=0.0), settings, device, parallel, config.sp_split
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = config_parser(__doc__)
     parser.add_argument("--prompt", help="one video from this prompt (instead of input_file)")
@@ -229,22 +154,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.only_save_latents is not None:
         config.only_save_latents = args.only_save_latents
     try:
-        validate(config)
+        components = resolve_components(config)
+        validate_sampling(config, components)
         items = read_items(config, args.prompt, args.ref)
     except ValueError as exc:
         parser.exit(2, f"error: {exc}\n")
 
-    if config.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(config.device)
+    device = resolve_device(config.device)
     parallel = init_parallel(config.sequence_parallel_size, device)
     torch.manual_seed(config.seed)  # random weights (no checkpoint) are the same on every rank and run
     try:
-        pipeline = build_pipeline(config, device, parallel)
+        pipeline = KaleidoPipeline.from_config(config, device=device, parallel=parallel, components=components)
     except (ValueError, FileNotFoundError) as exc:
         parser.exit(2, f"error: {exc}\n")
     height, width = config.sampling_image_size
+    num_frames = components.geometry.video_frames(config.sampling_num_frames)
     out_dir = Path(config.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     resolved = to_yaml(config)
@@ -270,24 +194,31 @@ def main(argv: list[str] | None = None) -> int:
         seed = item.seed if item.seed is not None else config.seed + item.index
         timings = Timings()
         t0 = time.perf_counter()
-        latents = pipeline.generate(
-            item.prompt, images, seed, height, width, config.sampling_num_frames, timings, parallel.is_sp_leader
+        latents = pipeline.generate_latents(
+            item.prompt,
+            references=images,
+            seed=seed,
+            height=height,
+            width=width,
+            num_frames=num_frames,
+            progress=parallel.is_sp_leader,
+            timings=timings,
         )
         if parallel.is_sp_leader:
-            video = None if config.only_save_latents else pipeline.decode(latents, timings)
+            video = None if config.only_save_latents else pipeline.decode(latents, timings=timings)
             meta = {
                 "index": item.index,
                 "prompt": item.prompt,
                 "references": item.references,
                 "seed": seed,
                 "video": {
-                    "frames": video_frames(config.sampling_num_frames),
+                    "frames": num_frames,
                     "height": height,
                     "width": width,
                     "fps": config.sampling_fps,
                 },
                 "timings": {
-                    **{k: round(v, 4) for k, v in dataclasses.asdict(timings).items() if k != "extra"},
+                    **{k: round(v, 4) for k, v in dataclasses.asdict(timings).items()},
                     "total_s": round(time.perf_counter() - t0, 4),
                 },
                 "config": resolved,

@@ -19,128 +19,41 @@ present (data position included); otherwise it starts from ``load`` (strict) or 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import os
+import pickle
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from tqdm.auto import tqdm
 
-from data_video import DataConfig, VideoDataset
 from sat.arguments import config_parser, parse_config
 from sat.config import to_yaml
-from sat.parallel import enable_sequence_parallel, free_port, init_parallel
+from sat.parallel import free_port, init_parallel
 from sat.training import (
-    OptimizerConfig,
-    ScheduleConfig,
     deepspeed_config,
-    device_for,
-    estimate_memory,
-    gib,
     lr_factor,
     parameter_groups,
     prune_checkpoints,
     register_zero3_parameters,
     remove_recovery_scripts,
+    use_weights_only_loading,
 )
-from sgm.checkpoint import SAT_MODEL_FILE, load_dit_state_dict, read_dit_checkpoint
+from sgm.checkpoint import write_atomic
+from sgm.data.video import BadDataError, VideoDataset, next_usable_batch
 from sgm.models.engine import training_loss
-from sgm.models.wan_vae import VAEConfig, build_vae
+from sgm.models.wan_vae import build_vae, frame_multiple
 from sgm.modules.encoders.conditioner import TextConditioner
-from sgm.modules.encoders.text import TextEncoderConfig, build_text_encoder
-from sgm.registry import ModelConfig, build_dit_from_config, count_parameters, resolve_dtype
+from sgm.modules.encoders.text import build_text_encoder
+from sgm.pipeline import check_sequence_parallel, enable_sequence_parallel, load_dit, resolve_components
+from sgm.registry import resolve_device, resolve_dtype
+from sgm.training import DiffusionEngine, TrainingConfig, memory_table, save_consolidated, write_training_card
 
 log = logging.getLogger("train")
-
-
-@dataclass
-class TrainingConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    vae: VAEConfig = field(default_factory=VAEConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    train_iters: int = 5000  # optimizer steps
-    micro_batch_size: int = 1
-    gradient_accumulation: int = 8
-    zero_stage: int = 2
-    sequence_parallel_size: int = 1
-    sp_split: str = "auto"
-    ucg_rate: float = 0.1
-    load: str | None = None  # initial DiT weights (SAT folder or file), loaded strictly
-    save: str = "checkpoints/kaleido"
-    save_interval: int = 100
-    keep_last: int = 3
-    log_interval: int = 1
-    seed: int = 0
-    device: str = "auto"
-
-
-class DiffusionEngine(nn.Module):
-    """Holds the DiT at ``model.diffusion_model`` so saved keys read ``model.diffusion_model.*`` (SAT)."""
-
-    def __init__(self, dit: nn.Module):
-        super().__init__()
-        self.model = nn.Module()
-        self.model.diffusion_model = dit
-
-    def forward(self, x, timesteps, context, subjects, token_offset=(0, 0)):
-        return self.model.diffusion_model(x, timesteps, context, subjects, token_offset=token_offset)
-
-
-def save_consolidated(engine, folder: Path, rank: int) -> None:
-    """ZeRO-3: write the full DiT as ``<folder>/mp_rank_00_model_states.pt`` (``module`` key, SAT layout)."""
-    target = folder / SAT_MODEL_FILE
-    engine.save_16bit_model(str(folder), f"{SAT_MODEL_FILE}.tmp")
-    if rank == 0:
-        state = torch.load(folder / f"{SAT_MODEL_FILE}.tmp", map_location="cpu", weights_only=True)
-        torch.save({"module": state}, folder / f"{SAT_MODEL_FILE}.part")
-        os.replace(folder / f"{SAT_MODEL_FILE}.part", target)
-        (folder / f"{SAT_MODEL_FILE}.tmp").unlink()
-    dist.barrier()
-
-
-def dry_run(config: TrainingConfig, world_sizes: list[int]) -> None:
-    dit = build_dit_from_config(config.model, device="meta")
-    arch = dit.config
-    params = count_parameters(dit)
-    latent_h, latent_w = config.data.height // 8, config.data.width // 8
-    frames = (config.data.num_frames - 1) // 4 + 1
-    tokens = (frames + config.data.max_references) * (latent_h // 2) * (latent_w // 2)
-    print(f"{config.model.name}: {params:,} parameters, {arch.num_layers} layers x {arch.hidden_size}")
-    print(
-        f"sample: {config.data.height}x{config.data.width}, {config.data.num_frames} frames + "
-        f"{config.data.max_references} references = {tokens:,} tokens; "
-        f"sequence parallel {config.sequence_parallel_size}"
-    )
-    print(
-        "| GPUs | ZeRO | weights | gradients | optimizer | activations (ckpt) | activations (no ckpt) "
-        "| total (ckpt) GiB |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for world in world_sizes:
-        for stage in (2, 3):
-            m = estimate_memory(
-                params,
-                arch.num_layers,
-                arch.hidden_size,
-                arch.inner_hidden_size,
-                tokens * config.micro_batch_size,
-                world,
-                config.sequence_parallel_size,
-                stage,
-            )
-            total = m.weights + m.gradients + m.optimizer + m.activations_checkpointed
-            print(
-                f"| {world} | {stage} | {gib(m.weights)} | {gib(m.gradients)} | {gib(m.optimizer)} | "
-                f"{gib(m.activations_checkpointed)} | {gib(m.activations_full)} | {gib(total)} |"
-            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,18 +61,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="build on the meta device, print sizes and memory")
     parser.add_argument("--world-size", type=int, nargs="+", default=[8, 16, 64], help="GPU counts for --dry-run")
     args, config = parse_config(parser, TrainingConfig, argv)
-    if args.dry_run:
-        dry_run(config, args.world_size)
-        return 0
     try:
-        dataset_probe = VideoDataset(config.data)  # a missing or empty root fails before anything starts
+        components = resolve_components(config, planning=args.dry_run)
+        if args.dry_run:
+            print("\n".join(memory_table(config, components, args.world_size)))
+            return 0
+        check_sequence_parallel(
+            components.geometry,
+            components.arch,
+            height=config.data.height,
+            width=config.data.width,
+            sp_size=config.sequence_parallel_size,
+            sp_split=config.sp_split,
+            world=int(os.environ.get("WORLD_SIZE", "1")),
+        )
+        frames = frame_multiple(components.geometry.temporal_stride)
+        VideoDataset(config.data, frames_multiple=frames)  # a missing or empty root fails before anything
     except (FileNotFoundError, ValueError) as exc:
         parser.exit(2, f"error: {exc}\n")
-    del dataset_probe
 
     import deepspeed
 
-    device = device_for(config.device)
+    device = resolve_device(config.device)
     parallel = init_parallel(config.sequence_parallel_size, device)
     if not dist.is_initialized():  # DeepSpeed needs a process group, even for one process
         for key, value in (
@@ -174,16 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     dtype = resolve_dtype(config.model.dtype)
     torch.manual_seed(config.seed)
 
-    dit = build_dit_from_config(config.model, device="meta" if config.load else device)
-    if config.load:
-        load_dit_state_dict(dit, read_dit_checkpoint(config.load), assign=True)
-        dit = dit.to(device)
-        log.info("initialised the DiT from %s", config.load)
+    dit = load_dit(components.arch, config.model, config.load, device)
     enable_sequence_parallel(dit, parallel)
     if config.zero_stage == 3:
-        register_zero3_parameters(dit)
-    vae = build_vae(config.vae, device)
-    conditioner = TextConditioner(build_text_encoder(config.text_encoder, device), config.ucg_rate, config.seed)
+        register_zero3_parameters(dit, dit.external_parameter_reads())
+    vae = build_vae(dataclasses.replace(config.vae, path=components.vae_path), device)
+    text_config = dataclasses.replace(config.text_encoder, path=components.text_encoder_path)
+    conditioner = TextConditioner(build_text_encoder(text_config, device), config.ucg_rate, config.seed)
 
     optimizer = torch.optim.AdamW(
         parameter_groups(dit, config.optimizer.weight_decay),
@@ -213,16 +133,29 @@ def main(argv: list[str] | None = None) -> int:
     save_dir = Path(config.save)
     iteration, data_epoch, data_chunk = 0, 0, 0
     if (save_dir / "latest").is_file():
-        _, client = engine.load_checkpoint(str(save_dir), load_module_strict=True)
+        use_weights_only_loading(engine)
+        try:
+            _, client = engine.load_checkpoint(str(save_dir), load_module_strict=True)
+        except pickle.UnpicklingError as exc:
+            log.error("%s: refusing to resume from a checkpoint that needs code to load (%s)", save_dir, exc)
+            return 2
         iteration, data_epoch, data_chunk = client["iteration"], client["data_epoch"], client["data_chunk"] + 1
         log.info("resumed from %s at iteration %d", save_dir, iteration)
     if parallel.rank == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
-        (save_dir / "config.yaml").write_text(to_yaml(config))
+        write_atomic(save_dir / "config.yaml", to_yaml(config))
+        write_training_card(config, components, save_dir)
 
     dataset = VideoDataset(
-        config.data, config.micro_batch_size, parallel.dp_rank, parallel.dp_size, data_epoch, data_chunk
+        config.data,
+        config.micro_batch_size,
+        parallel.dp_rank,
+        parallel.dp_size,
+        data_epoch,
+        data_chunk,
+        frames_multiple=frames,
     )
+    batches_per_epoch = len(dataset.chunks(0))
     loader = iter(
         torch.utils.data.DataLoader(
             dataset,
@@ -252,14 +185,25 @@ def main(argv: list[str] | None = None) -> int:
         losses, samples, skipped = [], 0, 0
         step_start = time.perf_counter()
         for micro in range(config.gradient_accumulation):
-            batch = next(loader)
-            skipped += batch["skipped"]
-            while batch["size"] == 0:
-                batch = next(loader)
-                skipped += batch["skipped"]
+            try:
+                batch, bad = next_usable_batch(loader, batches_per_epoch)
+            except BadDataError as exc:
+                log.error("data.root: %s", exc)
+                return 2
+            skipped += bad
             data_epoch, data_chunk = batch["epoch"], batch["chunk"]
             step = iteration * config.gradient_accumulation + micro
-            loss = training_loss(engine, vae, conditioner, batch, step, config.seed, parallel, config.sp_split)
+            loss = training_loss(
+                engine,
+                vae,
+                conditioner,
+                batch,
+                step=step,
+                seed=config.seed,
+                parallel=parallel,
+                geometry=components.geometry,
+                sp_split=config.sp_split,
+            )
             engine.backward(loss)
             engine.step()
             losses.append(loss.detach())

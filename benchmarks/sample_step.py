@@ -49,30 +49,30 @@ CONFIGS = {
 
 
 def measure(name: str, steps: int, sp_size: int = 1) -> dict:
-    import sample_video
-    from sgm.models.engine import Timings
+    from sgm.pipeline import KaleidoPipeline, SamplingConfig, Timings
 
     spec = CONFIGS[name]
     files = [ROOT / "configs/model/kaleido_tiny.yaml", ROOT / "configs/sampling/tiny.yaml"]
-    config = load_config(sample_video.SamplingConfig, files, [*spec["overrides"], f"num_steps={steps}"])
+    overrides = [*spec["overrides"], f"num_steps={steps}", f"sequence_parallel_size={sp_size}"]
+    config = load_config(SamplingConfig, files, overrides)
     os.chdir(ROOT)
     parallel = init_parallel(sp_size, torch.device("cpu"))
     torch.manual_seed(0)
-    pipeline = sample_video.build_pipeline(config, torch.device("cpu"), parallel)
+    pipe = KaleidoPipeline.from_config(config, device=torch.device("cpu"), parallel=parallel)
     images = [Image.new("RGB", (60, 40), (200, 40, 40)), Image.new("RGB", (40, 60), (40, 40, 200))]
     height, width = spec["size"]
-    pipeline.generate("warm up", images, 0, height, width, spec["frames"], Timings())  # allocator, caches
+    request = {"height": height, "width": width, "num_frames": pipe.geometry.video_frames(spec["frames"])}
+    pipe("warm up", references=images, seed=0, **request)  # allocator, caches
     timings = Timings()
     start = time.perf_counter()
-    latents = pipeline.generate("a red ball and a blue cube", images, 1, height, width, spec["frames"], timings)
-    pipeline.decode(latents, timings)
+    pipe("a red ball and a blue cube", references=images, seed=1, timings=timings, **request)
     total = time.perf_counter() - start
     communication = sum(
         m.attention_fn.communication_s
-        for m in pipeline.dit.modules()
+        for m in pipe.dit.modules()
         if isinstance(getattr(m, "attention_fn", None), UlyssesAttention)
     )
-    tokens = (spec["frames"] + len(images)) * (height // 16) * (width // 16)
+    tokens = pipe.geometry.tokens(height=height, width=width, latent_frames=spec["frames"], references=len(images))
     return {
         "name": name,
         "tokens": tokens,
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sp-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("sample_video").setLevel(logging.ERROR)
+    logging.getLogger("sgm.pipeline").setLevel(logging.ERROR)
     if args.sp_child:
         result = measure("tiny", args.steps, sp_size=2)
         if int(os.environ["RANK"]) == 0:

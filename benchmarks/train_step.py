@@ -64,7 +64,7 @@ def child(zero_stage: int, checkpointing: bool, steps: int) -> dict:
     torch.manual_seed(0)
     dit = build_dit(ARCH, checkpoint_activations=checkpointing)
     if zero_stage == 3:
-        register_zero3_parameters(dit)
+        register_zero3_parameters(dit, dit.external_parameter_reads())
     optimizer = torch.optim.AdamW(parameter_groups(dit, 1e-4), lr=1e-5, betas=(0.9, 0.95))
     config = deepspeed_config(1, 1, world, zero_stage, 0.1, bf16=False)
     engine, _, _, _ = deepspeed.initialize(model=dit, optimizer=optimizer, config=config, dist_init_required=False)

@@ -6,7 +6,8 @@ and of every reference latent along H or W (spec-dit §3.5); the DiT runs on its
 slice's RoPE offset, and self-attention is wrapped in a Ulysses all-to-all (scatter heads, gather
 tokens, attend, scatter tokens back, gather heads). Cross-attention needs no communication: each
 rank's queries attend to the full text, which every rank has. The model itself never calls a
-collective: ``enable_sequence_parallel`` swaps its attention function from outside.
+collective: the caller passes a ``UlyssesAttention`` to the model's public attention hook
+(``KaleidoDiT.set_self_attention``; ``sgm.pipeline.enable_sequence_parallel``).
 """
 
 from __future__ import annotations
@@ -14,13 +15,11 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
-from sgm.modules.attention import attention_heads
-from sgm.modules.dit import KaleidoDiT, SelfAttention
 
 
 def free_port() -> int:
@@ -80,11 +79,11 @@ def init_parallel(sp_size: int, device: torch.device) -> ParallelState:
     return ParallelState(world_size=world, rank=rank, sp_size=sp_size, sp_group=group)
 
 
-def split_dim(latent_height: int, sp_size: int, preference: str = "auto") -> int:
+def split_dim(latent_height: int, sp_size: int, preference: str = "auto", *, patch: tuple[int, int]) -> int:
     """Latent axis to split: 3 (H) or 4 (W) of ``[B, T, C, H, W]``.
 
-    ``auto`` follows the release: H when every shard keeps an even number of latent rows (whole
-    2×2 patches), else W.
+    ``auto`` follows the release: H when every shard keeps a whole number of patch rows
+    (``patch`` = the DiT's ``(ph, pw)``), else W.
     """
     if preference == "height":
         return 3
@@ -92,17 +91,18 @@ def split_dim(latent_height: int, sp_size: int, preference: str = "auto") -> int
         return 4
     if preference != "auto":
         raise ValueError(f"sp_split must be auto, height or width, got '{preference}'")
-    return 3 if latent_height % (2 * sp_size) == 0 else 4
+    return 3 if latent_height % (patch[0] * sp_size) == 0 else 4
 
 
-def shard(x: torch.Tensor, dim: int, state: ParallelState) -> torch.Tensor:
+def shard(x: torch.Tensor, dim: int, state: ParallelState, *, patch: tuple[int, int]) -> torch.Tensor:
     """This rank's slice of ``x`` along ``dim`` (sizes must divide evenly into whole patches)."""
     if state.sp_size == 1:
         return x
-    if x.shape[dim] % (2 * state.sp_size):
+    multiple = patch[dim - 3]
+    if x.shape[dim] % (multiple * state.sp_size):
         raise ValueError(
             f"latent size {x.shape[dim]} along dim {dim} does not split into {state.sp_size} shards "
-            "of whole 2x2 patches"
+            f"of whole {patch[0]}x{patch[1]} patches"
         )
     return x.chunk(state.sp_size, dim=dim)[state.sp_rank].contiguous()
 
@@ -116,9 +116,11 @@ def gather(x: torch.Tensor, dim: int, state: ParallelState) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
-def token_offset(local_shape: tuple[int, ...], dim: int, state: ParallelState) -> tuple[int, int]:
+def token_offset(
+    local_shape: tuple[int, ...], dim: int, state: ParallelState, *, patch: tuple[int, int]
+) -> tuple[int, int]:
     """(row, column) token offset of this rank's slice: RoPE positions of the full latent."""
-    tokens = local_shape[dim] // 2 * state.sp_rank
+    tokens = local_shape[dim] // patch[dim - 3] * state.sp_rank
     return (tokens, 0) if dim == 3 else (0, tokens)
 
 
@@ -151,13 +153,15 @@ def _all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group) -> to
 class UlyssesAttention:
     """``attention(q, k, v)`` over the tokens of a whole SP group, each rank holding a slice.
 
-    ``[B, L_local, heads, d]`` -> all-to-all -> ``[B, L_group, heads/P, d]`` -> attention ->
+    ``[B, L_local, heads, d]`` -> all-to-all -> ``[B, L_group, heads/P, d]`` -> ``inner`` ->
     all-to-all back -> ``[B, L_local, heads·d]``. Attention is permutation-equivariant and RoPE
-    is applied before, so the rank-ordered token concatenation needs no reordering.
+    is applied before, so the rank-ordered token concatenation needs no reordering. ``inner`` is
+    the model's attention on unmerged heads (``[B, L, heads, d]`` in and out).
     """
 
-    def __init__(self, group):
+    def __init__(self, group, inner: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]):
         self.group = group
+        self.inner = inner
         self.communication_s = 0.0  # wall time spent in the all-to-alls (for benchmarks)
 
     def _exchange(self, x: torch.Tensor, scatter_dim: int, gather_dim: int) -> torch.Tensor:
@@ -168,17 +172,11 @@ class UlyssesAttention:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         q, k, v = (self._exchange(t, scatter_dim=2, gather_dim=1) for t in (q, k, v))
-        out = attention_heads(q, k, v)  # [B, L_group, heads/P, d]
+        out = self.inner(q, k, v)  # [B, L_group, heads/P, d]
         return self._exchange(out, scatter_dim=1, gather_dim=2).flatten(2)
 
 
-def enable_sequence_parallel(model: KaleidoDiT, state: ParallelState) -> None:
-    """Route the DiT's self-attention through Ulysses over ``state``'s SP group."""
-    if state.sp_size == 1:
-        return
-    heads = model.config.num_attention_heads
-    if heads % state.sp_size:
-        raise ValueError(f"sequence_parallel_size={state.sp_size} must divide the number of attention heads ({heads})")
-    for module in model.modules():
-        if isinstance(module, SelfAttention):
-            module.attention_fn = UlyssesAttention(state.sp_group)
+def check_heads(num_heads: int, sp_size: int) -> None:
+    """Ulysses scatters attention heads: every rank of a group needs the same whole number."""
+    if num_heads % sp_size:
+        raise ValueError(f"sequence_parallel_size={sp_size} must divide the number of attention heads ({num_heads})")

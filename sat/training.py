@@ -4,15 +4,17 @@ the DeepSpeed config, ZeRO-3 parameter registration, checkpoint housekeeping, me
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from sgm.modules.dit import RMSNorm
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,17 +55,12 @@ def lr_factor(step: int, train_iters: int, schedule: ScheduleConfig) -> float:
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on weights and modulation offsets, none on biases and norm parameters."""
-    norms = tuple(m for m in model.modules() if isinstance(m, (nn.LayerNorm, RMSNorm)))
-    no_decay_ids = {id(p) for m in norms for p in m.parameters(recurse=False)}
+    """AdamW groups: weight decay on matrices and higher-rank tensors (linear and conv weights, the
+    DiT's ``[1, 6, D]`` modulation offsets), none on vectors (biases, norm gains)."""
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if name.endswith(".bias") or id(param) in no_decay_ids:
-            no_decay.append(param)
-        else:
-            decay.append(param)
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -94,12 +91,13 @@ def deepspeed_config(
     }
 
 
-def register_zero3_parameters(model: nn.Module) -> None:
+def register_zero3_parameters(model: nn.Module, reads: Iterable[tuple[nn.Module, nn.Parameter]] = ()) -> None:
     """Tell ZeRO-3 which parameters a module's forward reads from its children directly.
 
-    The DiT reads the weights of some Linear/LayerNorm children (split projections, bias added
-    after the matmul) and the per-layer modulation offsets without calling those modules, so
-    ZeRO-3's per-module gathering must also fetch them for the parent.
+    Modules that read the weights of a Linear/LayerNorm/ParameterList child without calling it
+    (split projections, a bias added after the matmul) are found here; ``reads`` adds the
+    ``(module, parameter)`` pairs a model declares beyond those (the DiT's per-layer modulation
+    offsets, read by the top module: ``KaleidoDiT.external_parameter_reads``).
     """
     from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
@@ -108,8 +106,8 @@ def register_zero3_parameters(model: nn.Module) -> None:
             if isinstance(child, (nn.Linear, nn.LayerNorm, nn.ParameterList)):
                 for param in child.parameters():
                     register_external_parameter(module, param)
-    for layer_params in model.mixins["adaln_layer"].adaLN_modulations:
-        register_external_parameter(model, layer_params)
+    for module, param in reads:
+        register_external_parameter(module, param)
 
 
 DEEPSPEED_RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
@@ -129,11 +127,20 @@ def remove_recovery_scripts(save_dir: Path) -> list[Path]:
 
 
 def prune_checkpoints(save_dir: Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest ``keep_last`` numbered checkpoint folders; returns what was removed."""
+    """Delete all but the newest ``keep_last`` numbered checkpoint folders; returns what was removed.
+
+    A folder that cannot be deleted (permissions, a file held open) is reported with a warning
+    naming it and the error, and left in place; training goes on.
+    """
     numbered = sorted((p for p in save_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
-    removed = numbered[:-keep_last] if keep_last > 0 else []
-    for path in removed:
-        shutil.rmtree(path, ignore_errors=True)
+    removed = []
+    for path in numbered[:-keep_last] if keep_last > 0 else []:
+        try:
+            shutil.rmtree(path)
+        except OSError as exc:
+            log.warning("could not remove old checkpoint %s: %s", path, exc)
+            continue
+        removed.append(path)
     return removed
 
 
@@ -183,7 +190,38 @@ def gib(x: float) -> str:
     return f"{x / 2**30:.1f}"
 
 
-def device_for(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def _deepspeed_checkpoint_globals() -> list:
+    """The classes DeepSpeed's own checkpoint files hold besides tensors (its ZeRO stage enum, the loss
+    scaler's and the fragment map's plain attributes; found by loading ZeRO-2 and ZeRO-3 checkpoints
+    of this project). The weights-only unpickler rebuilds them from data without calling their code."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+class WeightsOnlyCheckpointEngine:
+    """DeepSpeed's checkpoint engine with ``torch.load(weights_only=True)``.
+
+    DeepSpeed 0.19.8 loads every file of a checkpoint (model states, optimizer shards) with
+    ``weights_only=False``, so a planted pickle in a resumed folder would run code. This wrapper
+    keeps the engine's saving and commit logic and replaces only ``load``: anything beyond
+    tensors, containers and DeepSpeed's plain data types raises ``pickle.UnpicklingError``.
+    """
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def load(self, path: str, map_location=None):
+        with torch.serialization.safe_globals(_deepspeed_checkpoint_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def use_weights_only_loading(engine) -> None:
+    """Make a DeepSpeed engine read checkpoints without executing pickled code."""
+    if not isinstance(engine.checkpoint_engine, WeightsOnlyCheckpointEngine):
+        engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine.checkpoint_engine)

@@ -9,6 +9,7 @@ them all, sorted (the release loads with ``strict=False`` and silently re-initia
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,9 @@ import torch
 from torch import nn
 
 ENGINE_PREFIX = "model.diffusion_model."
+# The architecture card beside weights the project writes (SAT folders, exports, the demo model).
+MODEL_CARD_FILE = "kaleido_model.json"
+MODEL_CARD_FORMAT = "kaleido-dit/1"
 IGNORED_PREFIXES = ("conditioner.",)
 
 
@@ -174,3 +178,68 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise ValueError(f"{path}: expected a state dict of tensors")
     return loaded
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write ``path`` through a temporary name in the same folder, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def write_model_card(folder: Path, card: Mapping) -> Path:
+    """``folder/kaleido_model.json``: registry name, architecture fields, dtype and, where known, the
+    VAE and text encoder (paths relative to ``folder``), so ``load=folder`` needs no model YAML."""
+    path = Path(folder) / MODEL_CARD_FILE
+    write_atomic(path, json.dumps({"format": MODEL_CARD_FORMAT, **card}, indent=2) + "\n")
+    return path
+
+
+def find_model_card(load: str | Path) -> tuple[dict, Path] | None:
+    """The card that describes a checkpoint path and the folder it lies in, or None.
+
+    Looked for in the folder itself (or a file's folder) and one level up, so a SAT folder, one
+    of its iteration folders and the weights file inside both find the card of the run.
+    """
+    path = Path(load)
+    folder = path if path.is_dir() else path.parent
+    for candidate in (folder, folder.parent):
+        card_file = candidate / MODEL_CARD_FILE
+        if card_file.is_file():
+            try:
+                card = json.loads(card_file.read_text())
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{card_file}: not valid JSON ({exc})") from None
+            if not isinstance(card, dict) or card.get("format") != MODEL_CARD_FORMAT:
+                raise ValueError(f"{card_file}: expected a JSON object with format '{MODEL_CARD_FORMAT}'")
+            return card, candidate
+    return None
+
+
+def write_sat_checkpoint(
+    folder: Path,
+    state_dict: Mapping[str, torch.Tensor],
+    card: Mapping | None = None,
+    iteration: str = "1",
+    move_latest: bool = True,
+) -> Path:
+    """The one writer of SAT checkpoint folders: ``folder/<iteration>/mp_rank_00_model_states.pt``
+    (the DiT under ``module`` as ``model.diffusion_model.*``), then ``folder/latest``, then the card.
+
+    ``state_dict`` holds DiT keys, bare or already engine-prefixed. Each file goes through a
+    temporary name, and ``latest`` moves only after the weights are complete (``move_latest=False``
+    when DeepSpeed writes it after its own states).
+    """
+    folder = Path(folder)
+    target = folder / iteration / SAT_MODEL_FILE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    module = {k if k.startswith(ENGINE_PREFIX) else ENGINE_PREFIX + k: v for k, v in state_dict.items()}
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    torch.save({"module": module}, tmp)
+    os.replace(tmp, target)
+    if move_latest:
+        write_atomic(folder / "latest", f"{iteration}\n")
+    if card is not None:
+        write_model_card(folder, card)
+    return target

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from sgm.checkpoint import StateDictMismatchError, diff_shapes, shapes
 from sgm.modules.dit import DiTConfig, KaleidoDiT, init_weights
 
 ARCHITECTURES: dict[str, DiTConfig] = {
@@ -128,6 +129,18 @@ def build_dit(
     return model
 
 
+def check_dit_shapes(
+    found: Mapping[str, tuple[int, ...]], arch: str | Mapping[str, Any] | DiTConfig, what: str = "the weights"
+) -> None:
+    """The one architecture check: ``found`` (DiT key -> shape) must be exactly the architecture's
+    state dict, or ``StateDictMismatchError`` lists every missing, unexpected and misshaped key."""
+    expected = shapes(build_dit(arch, device="meta").state_dict())
+    diff = diff_shapes(expected, {k: tuple(v) for k, v in found.items()})
+    if diff:
+        label = arch if isinstance(arch, str) else "the architecture"
+        raise StateDictMismatchError(f"{what} do not match {label}:\n{diff.report()}")
+
+
 def materialize(module: torch.nn.Module, device: torch.device) -> None:
     """Give every meta parameter uninitialised storage on ``device`` (``Module.to_empty`` without
     its ~0.3 s first-call cost of ``empty_like`` on meta tensors)."""
@@ -158,18 +171,67 @@ ArchOverrides = dataclasses.make_dataclass(
 )
 
 
+DEFAULT_MODEL = "kaleido-tiny"
+
+
 @dataclass
 class ModelConfig:
     """The ``model:`` section shared by every script's config."""
 
-    name: str = "kaleido-tiny"  # a key of ARCHITECTURES
+    name: str | None = None  # a key of ARCHITECTURES; unset: the checkpoint's card (load=...), else kaleido-tiny
     arch: ArchOverrides = field(default_factory=ArchOverrides)  # field overrides of the named architecture
     dtype: DType = DType.float32  # weights = compute dtype: float32 (CPU default) or bfloat16 (GPU, release)
     checkpoint_activations: bool = False  # recompute each block in backward (training memory)
 
 
 def build_dit_from_config(config: ModelConfig, device: str | torch.device = "cpu", init: bool = True) -> KaleidoDiT:
-    arch = resolve_arch(config.name, dataclasses.asdict(config.arch))
+    _, arch = resolve_model(config)
     return build_dit(
         arch, device=device, dtype=config.dtype, checkpoint_activations=config.checkpoint_activations, init=init
     )
+
+
+def architecture_card(name: str, arch: DiTConfig, dtype: str | DType | torch.dtype, **pointers: str | int) -> dict:
+    """The architecture part of a model card (``sgm.checkpoint.write_model_card``)."""
+    dtype_name = next(k for k, v in DTYPES.items() if v == resolve_dtype(dtype))
+    fields = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(arch).items()}
+    return {"name": name, "architecture": fields, "dtype": dtype_name, **pointers}
+
+
+def resolve_model(
+    config: ModelConfig, card: Mapping[str, Any] | None = None, card_source: str = ""
+) -> tuple[str, DiTConfig]:
+    """``(name, architecture)`` of a ``model:`` section, checked against a checkpoint's card.
+
+    Without a card: the named registry architecture (default kaleido-tiny) with ``model.arch``
+    overrides. With one: the card's architecture; a ``model.name`` or ``model.arch`` value in the
+    YAML that differs from the card is an error naming both values.
+    """
+    overrides = {k: v for k, v in dataclasses.asdict(config.arch).items() if v is not None}
+    if card is None:
+        name = config.name or DEFAULT_MODEL
+        return name, resolve_arch(name, overrides)
+    try:
+        arch = _from_fields(dict(card["architecture"]))
+        name = str(card["name"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{card_source}: not a valid model card ({exc})") from None
+    if config.name is not None and config.name != name:
+        raise ValueError(
+            f"model.name: the config says '{config.name}', the checkpoint's card {card_source} says '{name}'"
+        )
+    for key, value in overrides.items():
+        have = getattr(arch, key)
+        want = tuple(value) if isinstance(have, tuple) else value
+        if want != have:
+            raise ValueError(
+                f"model.arch.{key}: the config says {value}, the checkpoint's card {card_source} says {have}"
+            )
+    return name, arch
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``auto``: CUDA when available, else the CPU; otherwise the named device."""
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

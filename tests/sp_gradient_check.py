@@ -12,8 +12,9 @@ import sys
 import torch
 import torch.distributed as dist
 
-from sat.parallel import enable_sequence_parallel, init_parallel, shard, split_dim, token_offset
+from sat.parallel import init_parallel, shard, split_dim, token_offset
 from sgm.diffusion.loss import rf_loss
+from sgm.pipeline import enable_sequence_parallel
 from sgm.registry import build_dit
 
 ARCH = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "inner_hidden_size": 128, "text_dim": 24}
@@ -23,8 +24,9 @@ def loss_and_grads(model, x0, noise, sigmas, context, subjects, state=None, dim=
     model.zero_grad()
     offset = (0, 0)
     if state is not None:
-        x0, noise, subjects = (shard(t, dim, state) for t in (x0, noise, subjects))
-        offset = token_offset(tuple(x0.shape), dim, state)
+        patch = model.config.patch_size[1:]
+        x0, noise, subjects = (shard(t, dim, state, patch=patch) for t in (x0, noise, subjects))
+        offset = token_offset(tuple(x0.shape), dim, state, patch=patch)
     loss = rf_loss(lambda x, t, c, s: model(x, t, c, s, token_offset=offset), x0, noise, sigmas, context, subjects)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -44,7 +46,7 @@ def main() -> None:
     ref_loss, ref_grads = loss_and_grads(model, x0, noise, sigmas, context, subjects)
 
     enable_sequence_parallel(model, state)
-    dim = split_dim(8, 2, preference)
+    dim = split_dim(8, 2, preference, patch=model.config.patch_size[1:])
     loss, grads = loss_and_grads(model, x0, noise, sigmas, context, subjects, state, dim)
     dist.all_reduce(loss)
     loss /= 2  # the mean over the two halves = the full mean

@@ -152,21 +152,26 @@ def test_config_is_validated_before_models_load(tmp_path):
 
 def test_portrait_video_and_two_evaluations_per_step(tmp_path):
     from sat.config import load_config
-    from sgm.models.engine import Timings
+    from sgm.pipeline import KaleidoPipeline, SamplingConfig, Timings
 
     assert run(tmp_path, "sampling_image_size=[96,64]", prompt="tall") == 0
     frames = [f for f in imageio.get_reader(next(tmp_path.iterdir()) / "output.mp4")]
     assert frames[0].shape == (96, 64, 3)
 
-    config = load_config(sample_video.SamplingConfig, BASE[1:], FAST)
-    pipeline = sample_video.build_pipeline(config, torch.device("cpu"), sample_video.ParallelState())
+    config = load_config(SamplingConfig, BASE[1:], FAST)
+    pipeline = KaleidoPipeline.from_config(config, device="cpu")
     batches = []
     forward = pipeline.dit.forward
     pipeline.dit.forward = lambda x, *a, **k: batches.append(x.shape[0]) or forward(x, *a, **k)
     timings = Timings()
-    out = pipeline.generate("a", [Image.new("RGB", (10, 10))], 0, 96, 64, 2, timings)
+    reference = [Image.new("RGB", (10, 10))]
+    out = pipeline.generate_latents("a", references=reference, height=96, width=64, num_frames=5, timings=timings)
     assert out.shape == (1, 2, 16, 12, 8)
     assert timings.network_calls == 3 and batches == [2, 2, 2]  # one [uncond, cond] batch per step
+    with pytest.raises(ValueError, match="expected 4k\\+1 frames"):
+        pipeline(prompt="a", height=96, width=64, num_frames=6)
+    with pytest.raises(ValueError, match="4 references, max_references is 3"):
+        pipeline("a", references=reference * 4, height=96, width=64, num_frames=5)
 
 
 def test_reference_helpers():

@@ -55,11 +55,11 @@ def test_cfg_batches_uncond_then_cond_with_the_same_subjects():
 def test_training_shift_examples_and_rounding_recipe():
     from sgm.diffusion.schedules import resolution_shift, shift_sigmas
 
-    assert abs(resolution_shift(64, 112) - 2.138) < 1e-3  # 512x896 video
-    assert abs(resolution_shift(90, 160) - 2.904) < 1e-3  # 720x1280 video
-    assert abs(resolution_shift(32, 32) - 1.6487) < 1e-4  # 256 tokens per frame: e^0.5
+    assert abs(resolution_shift(64 * 112 // 4) - 2.138) < 1e-3  # 512x896 video
+    assert abs(resolution_shift(90 * 160 // 4) - 2.904) < 1e-3  # 720x1280 video
+    assert abs(resolution_shift(32 * 32 // 4) - 1.6487) < 1e-4  # 256 tokens per frame: e^0.5
     sigmas = torch.rand(10000) * 0.999 + 0.0005
-    shift = resolution_shift(64, 112)
+    shift = resolution_shift(64 * 112 // 4)
     out = shift_sigmas(sigmas, shift)
     s32 = torch.tensor(shift, dtype=torch.float32)
     recipe = torch.reciprocal((s32 + torch.reciprocal(sigmas)) - 1) * s32  # the release's op order

@@ -141,3 +141,41 @@ def test_hugging_face_folder_loads_too(release_folder, tmp_path):
         rtol=0,
         atol=0,
     )
+
+
+def test_rename_table_is_pinned_to_the_spec():
+    """The release's 242 keys with their shapes (spec-vae-t5-data.md §2.3), renamed by the spec's
+    §2.7 list written out here, and the shapes of transformers' umT5-XXL encoder (meta device)."""
+    from transformers import UMT5EncoderModel
+
+    from sgm.modules.encoders.text import infer_umt5_config
+
+    release = {"token_embedding.weight": (256384, 4096), "norm.weight": (4096,)}
+    expected = {"token_embedding.weight": "shared.weight", "norm.weight": "encoder.final_layer_norm.weight"}
+    per_layer = {  # spec §2.3 shape, spec §2.7 name
+        "norm1.weight": ((4096,), "layer.0.layer_norm.weight"),
+        "attn.q.weight": ((4096, 4096), "layer.0.SelfAttention.q.weight"),
+        "attn.k.weight": ((4096, 4096), "layer.0.SelfAttention.k.weight"),
+        "attn.v.weight": ((4096, 4096), "layer.0.SelfAttention.v.weight"),
+        "attn.o.weight": ((4096, 4096), "layer.0.SelfAttention.o.weight"),
+        "pos_embedding.embedding.weight": ((32, 64), "layer.0.SelfAttention.relative_attention_bias.weight"),
+        "norm2.weight": ((4096,), "layer.1.layer_norm.weight"),
+        "ffn.gate.0.weight": ((10240, 4096), "layer.1.DenseReluDense.wi_0.weight"),
+        "ffn.fc1.weight": ((10240, 4096), "layer.1.DenseReluDense.wi_1.weight"),
+        "ffn.fc2.weight": ((4096, 10240), "layer.1.DenseReluDense.wo.weight"),
+    }
+    for i in range(24):
+        for leaf, (shape, hf_leaf) in per_layer.items():
+            release[f"blocks.{i}.{leaf}"] = shape
+            expected[f"blocks.{i}.{leaf}"] = f"encoder.block.{i}.{hf_leaf}"
+    assert len(release) == 242
+    tensors = {k: torch.empty(s, device="meta") for k, s in release.items()}
+    ours = release_to_hf_umt5(tensors)
+    for key, tensor in tensors.items():
+        assert ours[expected[key]] is tensor, f"{key}: the spec says {expected[key]}"
+    assert ours["encoder.embed_tokens.weight"] is tensors["token_embedding.weight"]  # tied
+    with torch.device("meta"):
+        model = UMT5EncoderModel(infer_umt5_config(tensors))
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    back = hf_to_release_umt5(ours)
+    assert len(back) == 242 and all(back[k] is tensors[k] for k in tensors)

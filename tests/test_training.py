@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import data_video
-from data_video import DataConfig, VideoDataset, select_frames
 from sat.parallel import free_port
 from sat.training import ScheduleConfig, estimate_memory, lr_factor, parameter_groups, prune_checkpoints
+from sgm.data.video import DataConfig, VideoDataset, select_frames
 from sgm.registry import build_dit
 from tools.make_toy_videos import make_video_dataset
 
@@ -66,29 +65,53 @@ def test_weight_decay_spares_biases_and_norms():
 
 
 def test_frame_selection_rule():
-    assert select_frames(100, 16, 16, 9) == list(range(3, 12))  # skip 3, native fps
-    assert select_frames(100, 32, 16, 5) == [3, 5, 7, 9, 11]  # resample 32 -> 16 fps
-    assert select_frames(30, 32, 8, 9) == [3, 5, 8, 11, 14, 17, 20, 23, 26]  # too short for 8 fps: stride over all
-    assert select_frames(7, 16, 16, 9) == [0, 1, 2, 3, 4, 4, 4, 4, 4]  # 5 = largest 4k+1, padded with the last
+    assert select_frames(100, 16, 16, 9, frames_multiple=4) == list(range(3, 12))  # skip 3, native fps
+    assert select_frames(100, 32, 16, 5, frames_multiple=4) == [3, 5, 7, 9, 11]  # resample 32 -> 16 fps
+    assert select_frames(30, 32, 8, 9, frames_multiple=4) == [
+        3,
+        5,
+        8,
+        11,
+        14,
+        17,
+        20,
+        23,
+        26,
+    ]  # too short for 8 fps: stride over all
+    assert select_frames(7, 16, 16, 9, frames_multiple=4) == [
+        0,
+        1,
+        2,
+        3,
+        4,
+        4,
+        4,
+        4,
+        4,
+    ]  # 5 = largest 4k+1, padded with the last
 
 
 def test_dataset_batches_order_sharding_and_bad_samples(dataset, tmp_path, caplog):
     config = DataConfig(root=str(dataset), height=32, width=48, num_frames=5, fps=8, max_references=3)
-    batch = next(iter(VideoDataset(config, batch_size=1)))
+    batch = next(iter(VideoDataset(config, batch_size=1, frames_multiple=4)))
     assert batch["mp4"].shape == (1, 5, 3, 32, 48) and batch["mp4"].dtype == torch.float32
     assert batch["mp4"].min() >= -1 and batch["mp4"].max() <= 1
     assert batch["subject_images"].shape[2:] == (3, 32, 48) and batch["txt"][0].startswith("the object moves right")
     assert batch["fps"].tolist() == [8] and batch["num_frames"].tolist() == [5]
-    ranks = [VideoDataset(config, rank=r, world_size=2).order(0) for r in (0, 1)]
+    ranks = [VideoDataset(config, rank=r, world_size=2, frames_multiple=4).order(0) for r in (0, 1)]
     assert sorted(ranks[0] + ranks[1]) == sorted(f"clip{i:03d}" for i in range(4)) and not set(ranks[0]) & set(ranks[1])
-    assert VideoDataset(config).order(3) == VideoDataset(config).order(3) != VideoDataset(config).order(4)
+    assert (
+        VideoDataset(config, frames_multiple=4).order(3)
+        == VideoDataset(config, frames_multiple=4).order(3)
+        != VideoDataset(config, frames_multiple=4).order(4)
+    )
 
     broken = make_video_dataset(tmp_path / "broken", count=3)
     (broken / "videos" / "clip000.mp4").write_bytes(b"not a video")
     for ref in (broken / "references" / "clip001").iterdir():
         ref.unlink()
     config = DataConfig(root=str(broken), height=32, width=32, num_frames=5, fps=8)
-    batches = [b for _, b in zip(range(3), VideoDataset(config, batch_size=1), strict=False)]
+    batches = [b for _, b in zip(range(3), VideoDataset(config, batch_size=1, frames_multiple=4), strict=False)]
     assert sum(b["skipped"] for b in batches) == 2 and sum(b["size"] for b in batches) == 1
     assert "clip000" in caplog.text and "cannot decode" in caplog.text and "no reference images" in caplog.text
 
@@ -100,7 +123,7 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
     assert result.returncode == 2 and "has no videos/ folder" in result.stderr
     with pytest.raises(FileNotFoundError, match="holds no .mp4"):
         (tmp_path / "videos").mkdir()
-        VideoDataset(DataConfig(root=str(tmp_path)))
+        VideoDataset(DataConfig(root=str(tmp_path)), frames_multiple=4)
 
 
 def test_checkpoint_pruning(tmp_path):
@@ -188,14 +211,10 @@ def test_sequence_parallel_loss_and_gradients_equal_one_process(split):
     assert report["loss"] <= 1e-5 and report["grad"] <= 1e-5
 
 
-def test_module_docstring_mentions_the_layout():
-    assert "labels/<id>.txt" in data_video.__doc__
-
-
 def test_batches_group_samples_with_equal_reference_counts(tmp_path):
     root = make_video_dataset(tmp_path / "mixed", count=7)  # odd clips have 2 references, even ones 1
     config = DataConfig(root=str(root), height=32, width=32, num_frames=5, fps=8)
-    dataset = VideoDataset(config, batch_size=2)
+    dataset = VideoDataset(config, batch_size=2, frames_multiple=4)
     batches = dataset.chunks(0)
     assert sorted(i for b in batches for i in b) == sorted(dataset.ids)
     assert all(len({dataset.reference_count(i) for i in b}) == 1 for b in batches)

@@ -1,5 +1,7 @@
 """Wan VAE: the release's key layout, encode/decode against diffusers, normalisation, shapes."""
 
+import re
+
 import pytest
 import torch
 from diffusers import AutoencoderKLWan
@@ -9,10 +11,13 @@ from sgm.models.wan_vae import (
     LATENT_MEAN,
     LATENT_STD,
     WanVAE,
+    default_vae_config,
     diffusers_to_release_vae,
     infer_vae_config,
     normalization_constants,
+    read_vae_strides,
     release_to_diffusers_vae,
+    vae_strides,
 )
 
 TINY = {"base_dim": 8, "z_dim": 16, "num_res_blocks": 1, "dim_mult": [1, 2, 2, 2]}
@@ -102,8 +107,8 @@ def test_normalisation_constants_match_the_spec_table():
 
 def test_bad_video_shapes(release_file):
     vae = WanVAE.from_release_checkpoint(release_file)
-    for shape in [(1, 3, 4, 32, 32), (1, 3, 5, 24, 32), (1, 4, 5, 32, 32), (3, 5, 32, 32)]:
-        with pytest.raises(ValueError, match=r"F = 4k\+1 frames and H, W multiples of 16"):
+    for shape in [(1, 3, 4, 32, 32), (1, 3, 5, 20, 32), (1, 4, 5, 32, 32), (3, 5, 32, 32)]:
+        with pytest.raises(ValueError, match=r"F = 4k\+1 frames and H, W multiples of 8"):
             vae.encode(torch.zeros(shape))
 
 
@@ -163,3 +168,121 @@ def test_fast_rms_norms_give_the_same_training_forward_and_gradients():
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-6)
     assert outputs[0].abs().mean() > 1e-3  # not a trivially zero comparison
+
+
+def spec_release_vae_shapes() -> dict[str, tuple[int, ...]]:
+    """``Wan2.1_VAE.pth``'s 194 keys and shapes, written out from spec-vae-t5-data.md §1.3 and §1.7."""
+    out: dict[str, tuple[int, ...]] = {}
+
+    def conv(name, o, i, k):
+        out[f"{name}.weight"], out[f"{name}.bias"] = (o, i, *k), (o,)
+
+    def rb(name, i, o):  # ResidualBlock in -> out
+        out[f"{name}.residual.0.gamma"] = (i, 1, 1, 1)
+        conv(f"{name}.residual.2", o, i, (3, 3, 3))
+        out[f"{name}.residual.3.gamma"] = (o, 1, 1, 1)
+        conv(f"{name}.residual.6", o, o, (3, 3, 3))
+        if i != o:
+            conv(f"{name}.shortcut", o, i, (1, 1, 1))
+
+    def attention(name, d):
+        out[f"{name}.norm.gamma"] = (d, 1, 1)
+        conv(f"{name}.to_qkv", 3 * d, d, (1, 1))
+        conv(f"{name}.proj", d, d, (1, 1))
+
+    conv("conv1", 32, 32, (1, 1, 1))
+    conv("conv2", 16, 16, (1, 1, 1))
+    conv("encoder.conv1", 96, 3, (3, 3, 3))
+    for index, (i, o) in {0: (96, 96), 1: (96, 96), 3: (96, 192), 4: (192, 192), 6: (192, 384), 7: (384, 384)}.items():
+        rb(f"encoder.downsamples.{index}", i, o)
+    rb("encoder.downsamples.9", 384, 384)
+    rb("encoder.downsamples.10", 384, 384)
+    conv("encoder.downsamples.2.resample.1", 96, 96, (3, 3))
+    for index, d in ((5, 192), (8, 384)):
+        conv(f"encoder.downsamples.{index}.resample.1", d, d, (3, 3))
+        conv(f"encoder.downsamples.{index}.time_conv", d, d, (3, 1, 1))
+    out["encoder.head.0.gamma"] = (384, 1, 1, 1)
+    conv("encoder.head.2", 32, 384, (3, 3, 3))
+    conv("decoder.conv1", 384, 16, (3, 3, 3))
+    for part in ("encoder", "decoder"):
+        rb(f"{part}.middle.0", 384, 384)
+        attention(f"{part}.middle.1", 384)
+        rb(f"{part}.middle.2", 384, 384)
+    blocks = {0: (384, 384), 1: (384, 384), 2: (384, 384), 4: (192, 384), 5: (384, 384), 6: (384, 384)}
+    blocks |= {8: (192, 192), 9: (192, 192), 10: (192, 192), 12: (96, 96), 13: (96, 96), 14: (96, 96)}
+    for index, (i, o) in blocks.items():
+        rb(f"decoder.upsamples.{index}", i, o)
+    for index in (3, 7):
+        conv(f"decoder.upsamples.{index}.resample.1", 192, 384, (3, 3))
+        conv(f"decoder.upsamples.{index}.time_conv", 768, 384, (3, 1, 1))
+    conv("decoder.upsamples.11.resample.1", 96, 192, (3, 3))
+    out["decoder.head.0.gamma"] = (96, 1, 1, 1)
+    conv("decoder.head.2", 3, 96, (3, 3, 3))
+    return out
+
+
+def spec_vae_rename(key: str) -> str:
+    """spec-vae-t5-data.md §1.9, rules 1-7, applied literally (independent of sgm.models.wan_vae)."""
+    for old, new in (("conv1.", "quant_conv."), ("conv2.", "post_quant_conv.")):  # rule 1
+        if key.startswith(old):
+            return new + key[len(old) :]
+    part, rest = key.split(".", 1)
+    rest = re.sub(r"^conv1\.", "conv_in.", rest)  # rule 2
+    rest = re.sub(r"^head\.0\.gamma$", "norm_out.gamma", rest)  # rule 3
+    rest = re.sub(r"^head\.2\.", "conv_out.", rest)
+    rest = re.sub(r"^middle\.0\.", "mid_block.resnets.0.", rest)  # rule 4
+    rest = re.sub(r"^middle\.2\.", "mid_block.resnets.1.", rest)
+    rest = re.sub(r"^middle\.1\.", "mid_block.attentions.0.", rest)
+    rest = re.sub(r"^downsamples\.(\d+)\.", r"down_blocks.\1.", rest)  # rule 5
+    if m := re.match(r"^upsamples\.(\d+)\.(.*)$", rest):  # rule 6
+        b, j = divmod(int(m.group(1)), 4)
+        rest = f"up_blocks.{b}.{'upsamplers.0' if j == 3 else f'resnets.{j}'}.{m.group(2)}"
+    for old, new in (  # rule 7
+        ("residual.0.gamma", "norm1.gamma"),
+        ("residual.2.", "conv1."),
+        ("residual.3.gamma", "norm2.gamma"),
+        ("residual.6.", "conv2."),
+        ("shortcut.", "conv_shortcut."),
+    ):
+        rest = rest.replace(old, new)
+    return f"{part}.{rest}"
+
+
+def test_rename_table_is_pinned_to_the_spec():
+    """Key by key against the spec's rules on the spec's key list, and shape by shape against
+    diffusers' module: swapping two same-shaped entries of the table fails here."""
+    release = {k: torch.empty(s, device="meta") for k, s in spec_release_vae_shapes().items()}
+    assert len(release) == 194  # spec §1.7
+    ours = release_to_diffusers_vae(release)
+    assert len(ours) == 194
+    for key, tensor in release.items():
+        expected = spec_vae_rename(key)
+        assert expected in ours, f"{key}: the spec says {expected}"
+        assert ours[expected] is tensor, f"{key} -> {expected}: another tensor"
+    with torch.device("meta"):
+        module = AutoencoderKLWan()
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    back = diffusers_to_release_vae(ours, num_res_blocks=2)
+    assert all(back[k] is release[k] for k in release) and len(back) == 194
+
+
+def test_strides_come_from_the_vae_config(tmp_path):
+    assert vae_strides(default_vae_config()) == (4, 8)  # Wan2.1 (spec §1.1)
+    wan22 = {"dim_mult": [1, 2, 4, 4], "temperal_downsample": [False, True, True], "patch_size": 2}
+    assert vae_strides(wan22) == (4, 16)  # Wan2.2's 16x VAE
+    assert vae_strides({"dim_mult": [1, 2, 2], "temperal_downsample": [False, False]}) == (1, 4)
+    assert read_vae_strides("assets/kaleido-tiny/Wan2.1_VAE.pth") == (4, 8)
+    small = AutoencoderKLWan(base_dim=8, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[False, True])
+    small.save_pretrained(tmp_path / "small")
+    assert read_vae_strides(tmp_path / "small") == (2, 4)
+    vae = WanVAE(small)
+    assert (vae.temporal_stride, vae.spatial_stride) == (2, 4)
+    assert vae.encode(torch.zeros(1, 3, 5, 16, 24)).shape == (1, 3, 16, 4, 6)
+    with pytest.raises(ValueError, match="F = 2k\\+1 frames and H, W multiples of 4"):
+        vae.encode(torch.zeros(1, 3, 4, 16, 24))
+
+
+def test_latent_statistics_must_match_z_dim():
+    model = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False])
+    with pytest.raises(ValueError, match="latents_mean/latents_std hold 16/16 values for z_dim 4"):
+        WanVAE(model)

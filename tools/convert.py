@@ -31,17 +31,17 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sgm.checkpoint import (  # noqa: E402
-    ENGINE_PREFIX,
-    SAT_MODEL_FILE,
-    diff_shapes,
     extract_dit_state_dict,
     read_state_dict,
     resolve_checkpoint,
     shapes,
+    write_atomic,
+    write_model_card,
+    write_sat_checkpoint,
 )
 from sgm.convert.diffusers_wan import diffusers_config, diffusers_to_kaleido, kaleido_to_diffusers  # noqa: E402
 from sgm.convert.wan_official import wan_to_kaleido  # noqa: E402
-from sgm.registry import ARCHITECTURES, build_dit, resolve_arch  # noqa: E402
+from sgm.registry import ARCHITECTURES, architecture_card, check_dit_shapes, resolve_arch  # noqa: E402
 
 log = logging.getLogger("convert")
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth")
@@ -64,20 +64,6 @@ def read_any(path: Path) -> dict[str, torch.Tensor]:
     return read_state_dict(resolve_checkpoint(path))
 
 
-def check(state: dict[str, torch.Tensor], model: str) -> None:
-    diff = diff_shapes(shapes(build_dit(model, device="meta").state_dict()), shapes(state))
-    if diff:
-        raise ValueError(f"the converted weights do not match {model}:\n{diff.report()}")
-
-
-def write_sat(state: dict[str, torch.Tensor], out: Path) -> None:
-    (out / "1").mkdir(parents=True, exist_ok=True)
-    tmp = out / "1" / (SAT_MODEL_FILE + ".partial")
-    torch.save({"module": {ENGINE_PREFIX + k: v for k, v in state.items()}}, tmp)
-    os.replace(tmp, out / "1" / SAT_MODEL_FILE)
-    (out / "latest").write_text("1\n")
-
-
 def convert(kind: str, source: Path, out: Path, model: str) -> int:
     state = read_any(source)
     if kind == "wan2kaleido":
@@ -86,18 +72,25 @@ def convert(kind: str, source: Path, out: Path, model: str) -> int:
         kaleido = diffusers_to_kaleido(state)
     else:
         kaleido = extract_dit_state_dict(state)
-    check(kaleido, model)
+    check_dit_shapes(shapes(kaleido), model, "the converted weights")
+    dtype = next(iter(kaleido.values())).dtype
+    card = architecture_card(model, resolve_arch(model), dtype)
     if kind in ("wan2kaleido", "diffusers2kaleido"):
-        write_sat(kaleido, out)
+        write_sat_checkpoint(out, kaleido, card)
     elif kind == "kaleido2safetensors":
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in kaleido.items()}, str(out.with_suffix(".partial")))
-        os.replace(out.with_suffix(".partial"), out)
+        tmp = out.with_name(f".{out.name}.partial")
+        save_file({k: v.contiguous() for k, v in kaleido.items()}, str(tmp))
+        os.replace(tmp, out)
+        write_model_card(out.parent, card)
     else:
         out.mkdir(parents=True, exist_ok=True)
-        save_file(kaleido_to_diffusers(kaleido), str(out / "diffusion_pytorch_model.safetensors"))
+        tmp = out / ".diffusion_pytorch_model.safetensors.partial"
+        save_file(kaleido_to_diffusers(kaleido), str(tmp))
+        os.replace(tmp, out / "diffusion_pytorch_model.safetensors")
         config = {"_class_name": "WanTransformer3DModel", **diffusers_config(resolve_arch(model))}
-        (out / "config.json").write_text(json.dumps(config, indent=2))
+        write_atomic(out / "config.json", json.dumps(config, indent=2))
+        write_model_card(out, card)
     count = sum(v.numel() for v in kaleido.values())
     log.info("%s: %d tensors, %s parameters -> %s", kind, len(kaleido), f"{count:,}", out)
     return 0

@@ -23,11 +23,12 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_video import LATENT_FOLDER, BadSampleError, VideoDataset  # noqa: E402
 from sat.arguments import config_parser, parse_config  # noqa: E402
-from sat.training import device_for  # noqa: E402
-from sgm.models.wan_vae import build_vae  # noqa: E402
-from train_video_concat import TrainingConfig  # noqa: E402
+from sgm.data.video import LATENT_FOLDER, BadSampleError, VideoDataset  # noqa: E402
+from sgm.models.wan_vae import build_vae, frame_multiple  # noqa: E402
+from sgm.pipeline import resolve_components  # noqa: E402
+from sgm.registry import resolve_device  # noqa: E402
+from sgm.training import TrainingConfig  # noqa: E402
 
 log = logging.getLogger("precompute_latents")
 
@@ -44,10 +45,12 @@ def main(argv=None) -> int:
         parser.exit(2, f"error: --shard must be K/N with 0 <= K < N, got '{args.shard}'\n")
     config.data.latents = False
     try:
-        dataset = VideoDataset(config.data)
+        components = resolve_components(config)
+        dataset = VideoDataset(config.data, frames_multiple=frame_multiple(components.geometry.temporal_stride))
     except (FileNotFoundError, ValueError) as exc:
         parser.exit(2, f"error: {exc}\n")
-    device = device_for(config.device)
+    device = resolve_device(config.device)
+    config.vae.path = components.vae_path
     vae = build_vae(config.vae, device)
     out = Path(config.data.root) / LATENT_FOLDER
     out.mkdir(exist_ok=True)

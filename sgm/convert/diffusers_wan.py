@@ -65,17 +65,17 @@ _FUSED: dict[str, tuple[str, ...]] = {
     "transformer.layers.{i}.cross_attention.key_value": ("blocks.{i}.attn2.to_k", "blocks.{i}.attn2.to_v"),
 }
 
-DIFFUSERS = KeyMap("diffusers", _RENAMES, _FUSED)
+DIFFUSERS = KeyMap("Kaleido", "diffusers", _RENAMES, _FUSED)
 
 
 def kaleido_to_diffusers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename a Kaleido DiT state dict (no engine prefix) to diffusers ``WanTransformer3DModel`` keys."""
-    return DIFFUSERS.from_kaleido(state_dict)
+    return DIFFUSERS.apply(state_dict)
 
 
 def diffusers_to_kaleido(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Inverse of ``kaleido_to_diffusers``: fused tensors are rebuilt from their row blocks."""
-    return DIFFUSERS.to_kaleido(state_dict)
+    return DIFFUSERS.invert(state_dict)
 
 
 def diffusers_config(config: DiTConfig) -> dict:

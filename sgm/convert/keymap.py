@@ -1,8 +1,11 @@
-"""Table-driven renaming between the Kaleido (SAT) key layout and another layout.
+"""Table-driven renaming between two key layouts: the project's one rename engine.
 
-A layout is two tables: one-to-one renames, and fused Kaleido tensors (QKV, cross KV) that are
-row blocks of several tensors elsewhere. ``{i}`` stands for a layer index. Conversions refuse to
-drop or invent tensors: every input key must be consumed, every fused tensor complete.
+A ``KeyMap`` maps a *left* layout (ours: the Kaleido SAT DiT, the release's VAE and umT5 files)
+to a *right* one (Wan2.1, diffusers, transformers) with two tables: one-to-one renames, and fused
+left tensors (QKV, cross KV) that are row blocks of several right tensors. ``{i}`` in a template
+stands for a layer index; a template matches a key with an optional ``.weight``/``.bias``/``.gamma``
+leaf. Conversions refuse to drop or invent tensors: every input key must be consumed, every
+fused tensor complete.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,11 +21,11 @@ import torch
 @functools.cache
 def _pattern(template: str) -> re.Pattern:
     body = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)")
-    return re.compile("^" + body + r"(?P<suffix>\.weight|\.bias)?$")
+    return re.compile("^" + body + r"(?P<suffix>\.weight|\.bias|\.gamma)?$")
 
 
 def _split_key(key: str, templates) -> tuple[str, str | None, str] | None:
-    """(template, layer index or None, ``.weight``/``.bias``/"") of the template matching ``key``."""
+    """(template, layer index or None, leaf suffix or "") of the template matching ``key``."""
     for template in templates:
         match = _pattern(template).match(key)
         if match:
@@ -37,13 +40,14 @@ def _fill(template: str, index: str | None) -> str:
 
 @dataclass(frozen=True)
 class KeyMap:
-    """Kaleido <-> ``name`` key layout."""
+    """``left`` <-> ``right`` key layout."""
 
-    name: str
-    renames: Mapping[str, str]  # Kaleido template -> other template
-    fused: Mapping[str, tuple[str, ...]]  # Kaleido fused template -> other templates, in row order
+    left: str
+    right: str
+    renames: Mapping[str, str]  # left template -> right template
+    fused: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # left fused -> right parts, in row order
 
-    def from_kaleido(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def apply(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         unknown = []
         for key, tensor in state_dict.items():
@@ -60,10 +64,10 @@ class KeyMap:
             else:
                 unknown.append(key)
         if unknown:
-            raise KeyError(f"no {self.name} name for Kaleido key(s): {sorted(unknown)}")
+            raise KeyError(f"no {self.right} name for {self.left} key(s): {sorted(unknown)}")
         return out
 
-    def to_kaleido(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def invert(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         reverse = {v: k for k, v in self.renames.items()}
         part_of = {part: (fused, n) for fused, parts in self.fused.items() for n, part in enumerate(parts)}
         out: dict[str, torch.Tensor] = {}
@@ -80,7 +84,7 @@ class KeyMap:
             else:
                 unknown.append(key)
         if unknown:
-            raise KeyError(f"no Kaleido name for {self.name} key(s): {sorted(unknown)}")
+            raise KeyError(f"no {self.left} name for {self.right} key(s): {sorted(unknown)}")
         for key, parts in pending.items():
             count = len(self.fused[_split_key(key, self.fused)[0]])
             if sorted(parts) != list(range(count)):

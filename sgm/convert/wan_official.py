@@ -29,6 +29,7 @@ import torch
 from sgm.convert.keymap import KeyMap
 
 WAN_OFFICIAL = KeyMap(
+    "Kaleido",
     "Wan2.1",
     renames={
         "mixins.patch_embed.proj": "patch_embedding",
@@ -67,8 +68,8 @@ WAN_PREFIX = "model.diffusion_model."
 
 def wan_to_kaleido(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     stripped = {(k[len(WAN_PREFIX) :] if k.startswith(WAN_PREFIX) else k): v for k, v in state_dict.items()}
-    return WAN_OFFICIAL.to_kaleido(stripped)
+    return WAN_OFFICIAL.invert(stripped)
 
 
 def kaleido_to_wan(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return WAN_OFFICIAL.from_kaleido(state_dict)
+    return WAN_OFFICIAL.apply(state_dict)

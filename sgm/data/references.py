@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+RELEASE_MAX_REFERENCES = 3  # the most references per sample the release was trained with
 VIDEO_SUFFIXES = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".gif"}
 WHITE = (255, 255, 255)
 _FRAME_SELECTOR = re.compile(r"^(?P<path>.+)#(?:(?P<frame>\d+)|(?P<seconds>\d+(?:\.\d+)?)s)$")

@@ -16,12 +16,13 @@ from sgm.diffusion.schedules import resolution_shift, shift_sigmas
 TIMESTEP_SCALE = 1000.0
 
 
-def training_sigmas(batch: int, latent_height: int, latent_width: int, generator: torch.Generator) -> torch.Tensor:
-    """``[batch]`` float32 noise levels: logit-normal (0, 1), kept inside (0, 1), then shifted."""
+def training_sigmas(batch: int, tokens_per_frame: int, generator: torch.Generator) -> torch.Tensor:
+    """``[batch]`` float32 noise levels: logit-normal (0, 1), kept inside (0, 1), then shifted for
+    the DiT's ``tokens_per_frame`` video tokens per latent frame."""
     n = torch.randn(batch, generator=generator)
     eps = torch.finfo(torch.float32).eps
     sigmas = torch.sigmoid(n).clamp(eps, 1 - eps)
-    return shift_sigmas(sigmas, resolution_shift(latent_height, latent_width))
+    return shift_sigmas(sigmas, resolution_shift(tokens_per_frame))
 
 
 def rf_loss(

@@ -33,14 +33,14 @@ SHIFT_BASE_TOKENS, SHIFT_BASE_MU = 256, 0.5
 SHIFT_MAX_TOKENS, SHIFT_MAX_MU = 4096, 1.15
 
 
-def resolution_shift(latent_height: int, latent_width: int) -> float:
-    """``e^μ`` with ``μ = 0.5 + 0.65·(L − 256)/(4096 − 256)``, ``L = (h·w)//2//2`` tokens per frame.
+def resolution_shift(tokens_per_frame: int) -> float:
+    """``e^μ`` with ``μ = 0.5 + 0.65·(L − 256)/(4096 − 256)``, ``L`` = the DiT's video tokens per latent
+    frame (``VideoGeometry.tokens_per_frame``; the release: ``(h·w)/(2·2)`` for its 2×2 patch).
 
     512×896 video (latent 64×112, L = 1792): 2.138; 720×1280 (L = 3600): 2.904.
     """
-    tokens = (latent_height * latent_width) // 2 // 2
     slope = (SHIFT_MAX_MU - SHIFT_BASE_MU) / (SHIFT_MAX_TOKENS - SHIFT_BASE_TOKENS)
-    return math.exp(SHIFT_BASE_MU + slope * (tokens - SHIFT_BASE_TOKENS))
+    return math.exp(SHIFT_BASE_MU + slope * (tokens_per_frame - SHIFT_BASE_TOKENS))
 
 
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:

@@ -18,6 +18,9 @@ release; on CPU in float32.
 from __future__ import annotations
 
 import contextlib
+import inspect
+import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,7 +31,8 @@ from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
 from torch import nn
 
-from sgm.checkpoint import load_strict, read_state_dict
+from sgm.checkpoint import StateDictMismatchError, load_strict, read_state_dict
+from sgm.convert.keymap import KeyMap
 
 # Wan2.1's per-channel latent statistics as declared (= diffusers' defaults).
 LATENT_MEAN = (
@@ -39,11 +43,6 @@ LATENT_STD = (
     2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
 )  # fmt: skip
-
-# Compression of the Wan VAE (time, height, width) and the DiT's 2x2 patch on top of it.
-TEMPORAL_STRIDE = 4
-SPATIAL_STRIDE = 8
-PIXEL_MULTIPLE = 16
 
 
 def normalization_constants(
@@ -62,39 +61,104 @@ def normalization_constants(
     return mean_t.bfloat16().float(), torch.reciprocal(std_t.bfloat16()).float()
 
 
-def check_video_shape(shape: tuple[int, ...], name: str = "video") -> None:
-    """Videos are ``[B, 3, F, H, W]`` with ``F = 4k + 1`` and ``H, W`` multiples of 16."""
+def vae_strides(config: Mapping) -> tuple[int, int]:
+    """``(temporal, spatial)`` compression of an ``AutoencoderKLWan`` configuration.
+
+    Every encoder level but the last halves H and W (``dim_mult`` has one entry per level) and,
+    where ``temperal_downsample`` says so, the time axis; a ``patch_size`` (Wan2.2's VAE)
+    patchifies the frames by that factor first. Wan2.1: ``(4, 8)``; Wan2.2's 16x VAE: ``(4, 16)``.
+    """
+    levels = len(config["dim_mult"]) - 1
+    temporal = 2 ** sum(bool(t) for t in config["temperal_downsample"][:levels])
+    spatial = 2**levels * int(config.get("patch_size") or 1)
+    return temporal, spatial
+
+
+def default_vae_config() -> dict:
+    """``AutoencoderKLWan``'s constructor defaults: Wan2.1's VAE (spec-vae §1.9), 4x in time, 8x in space."""
+    signature = inspect.signature(AutoencoderKLWan.__init__)
+    return {name: p.default for name, p in signature.parameters.items() if p.default is not inspect.Parameter.empty}
+
+
+def read_vae_strides(path: str | Path) -> tuple[int, int]:
+    """``vae_strides`` of a VAE on disk without building it: a diffusers folder's ``config.json``,
+    or the key shapes of a release ``.pth`` (memory-mapped)."""
+    path = Path(path)
+    if path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{path}: no config.json (expected a diffusers AutoencoderKLWan folder)")
+        return vae_strides({**default_vae_config(), **json.loads(config_file.read_text())})
+    try:
+        return vae_strides(infer_vae_config(read_state_dict(path)))
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"{path}: not a Wan VAE checkpoint ({exc})") from None
+
+
+# diffusers' AutoencoderKLWan encodes the first frame, then chunks of 4 frames, whatever its temporal
+# stride; frames after the last whole chunk are dropped silently (spec-vae §1.1, §1.4).
+ENCODER_CHUNK_FRAMES = 4
+
+
+def frame_multiple(temporal_stride: int) -> int:
+    """A video the VAE encodes whole has ``m·k + 1`` frames: whole encoder chunks and whole strides."""
+    return math.lcm(ENCODER_CHUNK_FRAMES, temporal_stride)
+
+
+def check_video_shape(shape: tuple[int, ...], frames_multiple: int, spatial_stride: int, name: str = "video") -> None:
+    """Videos are ``[B, 3, F, H, W]`` with ``F = m·k + 1`` and ``H, W`` multiples of the spatial stride."""
     ok = len(shape) == 5 and shape[1] == 3
     if ok:
         frames, height, width = shape[2:]
-        ok = frames % TEMPORAL_STRIDE == 1 and height % PIXEL_MULTIPLE == 0 and width % PIXEL_MULTIPLE == 0
+        ok = (frames - 1) % frames_multiple == 0 and height % spatial_stride == 0 and width % spatial_stride == 0
     if not ok:
         raise ValueError(
-            f"{name}: expected [B, 3, F, H, W] with F = 4k+1 frames and H, W multiples of {PIXEL_MULTIPLE}, "
-            f"got {list(shape)}"
+            f"{name}: expected [B, 3, F, H, W] with F = {frames_multiple}k+1 frames and H, W multiples of "
+            f"{spatial_stride}, got {list(shape)}"
         )
 
 
 # ---------------------------------------------------------------------------------------------
-# Wan2.1_VAE.pth <-> diffusers key names (spec §1.9)
+# Wan2.1_VAE.pth <-> diffusers key names (spec §1.9), as a KeyMap per architecture
 
-_TOP = {"conv1.": "quant_conv.", "conv2.": "post_quant_conv."}
+# Leaves inside a residual block or resampler (rule 7); resampler leaves keep their names.
 _BLOCK_LEAVES = {
-    "residual.0.gamma": "norm1.gamma",
-    "residual.2.": "conv1.",
-    "residual.3.gamma": "norm2.gamma",
-    "residual.6.": "conv2.",
-    "shortcut.": "conv_shortcut.",
+    "residual.0": "norm1",
+    "residual.2": "conv1",
+    "residual.3": "norm2",
+    "residual.6": "conv2",
+    "shortcut": "conv_shortcut",
+    "resample.1": "resample.1",
+    "time_conv": "time_conv",
 }
-_PART = {"conv1.": "conv_in.", "head.0.gamma": "norm_out.gamma", "head.2.": "conv_out."}
-_MIDDLE = {"0": "mid_block.resnets.0.", "1": "mid_block.attentions.0.", "2": "mid_block.resnets.1."}
+_ATTENTION_LEAVES = ("norm", "to_qkv", "proj")
 
 
-def _rename_leaf(rest: str, table: Mapping[str, str]) -> str:
-    for old, new in table.items():
-        if rest.startswith(old):
-            return new + rest[len(old) :]
-    return rest
+def vae_keymap(num_res_blocks: int, levels: int) -> KeyMap:
+    """The release -> diffusers ``KeyMap`` of a Wan VAE with ``levels`` levels of ``num_res_blocks``.
+
+    The decoder's flat ``upsamples`` list holds ``num_res_blocks + 1`` residual blocks and one
+    upsampler per level (rule 6 with Wan2.1's stride 4): its entries are listed one by one.
+    """
+    renames = {"conv1": "quant_conv", "conv2": "post_quant_conv"}  # rule 1
+    for part in ("encoder", "decoder"):
+        renames[f"{part}.conv1"] = f"{part}.conv_in"  # rule 2
+        renames[f"{part}.head.0"] = f"{part}.norm_out"  # rule 3
+        renames[f"{part}.head.2"] = f"{part}.conv_out"
+        for old, new in (("0", "resnets.0"), ("2", "resnets.1")):  # rule 4
+            for leaf, leaf_new in _BLOCK_LEAVES.items():
+                renames[f"{part}.middle.{old}.{leaf}"] = f"{part}.mid_block.{new}.{leaf_new}"
+        for leaf in _ATTENTION_LEAVES:
+            renames[f"{part}.middle.1.{leaf}"] = f"{part}.mid_block.attentions.0.{leaf}"
+    for leaf, leaf_new in _BLOCK_LEAVES.items():  # rule 5
+        renames[f"encoder.downsamples.{{i}}.{leaf}"] = f"encoder.down_blocks.{{i}}.{leaf_new}"
+    stride = num_res_blocks + 2
+    for index in range(levels * stride):  # rule 6
+        block, slot = divmod(index, stride)
+        inner = "upsamplers.0" if slot == stride - 1 else f"resnets.{slot}"
+        for leaf, leaf_new in _BLOCK_LEAVES.items():
+            renames[f"decoder.upsamples.{index}.{leaf}"] = f"decoder.up_blocks.{block}.{inner}.{leaf_new}"
+    return KeyMap("Wan VAE release", "diffusers AutoencoderKLWan", renames)
 
 
 def upsample_stride(release_keys: list[str] | set[str]) -> int:
@@ -107,50 +171,14 @@ def upsample_stride(release_keys: list[str] | set[str]) -> int:
 
 def release_to_diffusers_vae(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename ``Wan2.1_VAE.pth`` keys to ``AutoencoderKLWan`` keys (1:1, no reshapes)."""
-    stride = upsample_stride(set(state_dict))
-    out = {}
-    for key, tensor in state_dict.items():
-        part, _, rest = key.partition(".")
-        if part not in ("encoder", "decoder"):
-            out[_rename_leaf(key, _TOP)] = tensor
-            continue
-        if m := re.match(r"middle\.(\d)\.(.*)", rest):
-            new = _MIDDLE[m.group(1)] + _rename_leaf(m.group(2), _BLOCK_LEAVES)
-        elif m := re.match(r"downsamples\.(\d+)\.(.*)", rest):
-            new = f"down_blocks.{m.group(1)}." + _rename_leaf(m.group(2), _BLOCK_LEAVES)
-        elif m := re.match(r"upsamples\.(\d+)\.(.*)", rest):
-            block, slot = divmod(int(m.group(1)), stride)
-            inner = "upsamplers.0." if slot == stride - 1 else f"resnets.{slot}."
-            new = f"up_blocks.{block}.{inner}" + _rename_leaf(m.group(2), _BLOCK_LEAVES)
-        else:
-            new = _rename_leaf(rest, _PART)
-        out[f"{part}.{new}"] = tensor
-    return out
+    arch = infer_vae_config(state_dict)
+    return vae_keymap(arch["num_res_blocks"], len(arch["dim_mult"])).apply(state_dict)
 
 
 def diffusers_to_release_vae(state_dict: Mapping[str, torch.Tensor], num_res_blocks: int) -> dict[str, torch.Tensor]:
     """Inverse of ``release_to_diffusers_vae`` (writes files in the release's layout)."""
-    stride = num_res_blocks + 2
-    inverse_leaves = {v: k for k, v in _BLOCK_LEAVES.items()}
-    inverse_part = {v: k for k, v in _PART.items()}
-    inverse_middle = {v: k for k, v in _MIDDLE.items()}
-    out = {}
-    for key, tensor in state_dict.items():
-        part, _, rest = key.partition(".")
-        if part not in ("encoder", "decoder"):
-            out[_rename_leaf(key, {v: k for k, v in _TOP.items()})] = tensor
-            continue
-        if m := re.match(r"(mid_block\.(?:resnets|attentions)\.\d\.)(.*)", rest):
-            new = f"middle.{inverse_middle[m.group(1)]}." + _rename_leaf(m.group(2), inverse_leaves)
-        elif m := re.match(r"down_blocks\.(\d+)\.(.*)", rest):
-            new = f"downsamples.{m.group(1)}." + _rename_leaf(m.group(2), inverse_leaves)
-        elif m := re.match(r"up_blocks\.(\d+)\.(resnets\.(\d+)|upsamplers\.0)\.(.*)", rest):
-            slot = stride - 1 if m.group(3) is None else int(m.group(3))
-            new = f"upsamples.{int(m.group(1)) * stride + slot}." + _rename_leaf(m.group(4), inverse_leaves)
-        else:
-            new = _rename_leaf(rest, inverse_part)
-        out[f"{part}.{new}"] = tensor
-    return out
+    levels = 1 + max(int(m.group(1)) for k in state_dict if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k)))
+    return vae_keymap(num_res_blocks, levels).invert(state_dict)
 
 
 def infer_vae_config(release_state_dict: Mapping[str, torch.Tensor]) -> dict:
@@ -192,8 +220,12 @@ class WanVAE(nn.Module):
         self.model = model.eval().requires_grad_(False)
         z_dim = model.config.z_dim
         mean, std = model.config.latents_mean, model.config.latents_std
-        if len(mean) != z_dim:  # small research VAEs: identity statistics
-            mean, std = (0.0,) * z_dim, (1.0,) * z_dim
+        if len(mean) != z_dim or len(std) != z_dim:
+            raise ValueError(
+                f"VAE config: latents_mean/latents_std hold {len(mean)}/{len(std)} values for z_dim {z_dim}; "
+                "measure the latent statistics of this VAE and write them into its config.json"
+            )
+        self.temporal_stride, self.spatial_stride = vae_strides(model.config)
         shift, multiplier = normalization_constants(tuple(mean), tuple(std), exact=exact_constants)
         self.register_buffer("shift", shift.view(1, -1, 1, 1, 1), persistent=False)
         self.register_buffer("multiplier", multiplier.view(1, -1, 1, 1, 1), persistent=False)
@@ -215,7 +247,11 @@ class WanVAE(nn.Module):
             raise ValueError(f"{path}: not a Wan VAE checkpoint ({exc})") from None
         with torch.device("meta"):
             model = AutoencoderKLWan(**arch)
-        load_strict(model, release_to_diffusers_vae(release), f"{path} (Wan VAE)", assign=True, dtype=dtype)
+        try:
+            renamed = release_to_diffusers_vae(release)
+        except KeyError as exc:
+            raise StateDictMismatchError(f"{path} (Wan VAE): {exc.args[0]}") from None
+        load_strict(model, renamed, f"{path} (Wan VAE)", assign=True, dtype=dtype)
         return cls(model, exact_constants=exact_constants).to(device)
 
     @classmethod
@@ -237,8 +273,8 @@ class WanVAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, F, H, W]`` in [-1, 1] -> float32 ``[B, 1 + (F−1)/4, z, H/8, W/8]`` (time before channel)."""
-        check_video_shape(tuple(video.shape))
+        """``[B, 3, F, H, W]`` in [-1, 1] -> float32 ``[B, 1 + (F−1)/t, z, H/s, W/s]`` (time before channel)."""
+        check_video_shape(tuple(video.shape), frame_multiple(self.temporal_stride), self.spatial_stride)
         with self._autocast():
             mu = self.model.encode(video.to(device=self.multiplier.device, dtype=self.dtype)).latent_dist.mode()
         z = (mu.float() - self.shift) * self.multiplier  # [B, z, T', h, w]
@@ -246,7 +282,7 @@ class WanVAE(nn.Module):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """float ``[B, T', z, h, w]`` -> float32 video ``[B, 3, 1 + 4(T'−1), 8h, 8w]`` clamped to [-1, 1]."""
+        """float ``[B, T', z, h, w]`` -> float32 video ``[B, 3, 1 + t(T'−1), s·h, s·w]`` clamped to [-1, 1]."""
         z = latents.transpose(1, 2).float() / self.multiplier + self.shift  # [B, z, T', h, w]
         with self._autocast():
             video = self.model.decode(z.to(self.dtype)).sample
@@ -254,7 +290,7 @@ class WanVAE(nn.Module):
 
     @torch.no_grad()
     def encode_references(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B, N, 3, H, W]`` in [-1, 1] -> ``[B, N, z, H/8, W/8]``: each image its own one-frame clip."""
+        """``[B, N, 3, H, W]`` in [-1, 1] -> ``[B, N, z, H/s, W/s]``: each image its own one-frame clip."""
         if images.ndim != 5 or images.shape[2] != 3:
             raise ValueError(f"references: expected [B, N, 3, H, W], got {list(images.shape)}")
         batch, count = images.shape[:2]
@@ -316,7 +352,7 @@ def use_fast_rms_norms(model: nn.Module) -> int:
 class VAEConfig:
     """The ``vae:`` config section."""
 
-    path: str = ""  # Wan2.1_VAE.pth (release layout) or a diffusers AutoencoderKLWan folder
+    path: str | None = None  # Wan2.1_VAE.pth (release layout) or a diffusers folder; unset: the checkpoint card's
     dtype: str = "bfloat16"  # float32 on CPU
     exact_constants: bool = False  # True: declared mean/std instead of the release's bf16-rounded ones
     tiling: bool = False  # spatial tiles: less memory, not bit-equal

@@ -214,7 +214,7 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int, device=None, dtype=None):
         super().__init__()
         self.heads = heads
-        # Replaced from outside for sequence parallelism (sat.parallel.enable_sequence_parallel).
+        # Replaced through KaleidoDiT.set_self_attention (sequence parallelism, caching, offload).
         self.attention_fn = attention
         self.query_key_value = nn.Linear(dim, 3 * dim, device=device, dtype=dtype)
         self.dense = nn.Linear(dim, dim, device=device, dtype=dtype)
@@ -420,6 +420,21 @@ class KaleidoDiT(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.mixins["patch_embed"].proj.weight.dtype
+
+    def set_self_attention(
+        self, attention_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    ) -> None:
+        """Replace every layer's self-attention function (the public hook for sequence parallelism,
+        caching and offload): ``attention_fn(q, k, v)`` takes ``[B, L, heads, head_dim]`` each and
+        returns ``[B, L, heads·head_dim]``, like ``sgm.modules.attention.attention`` (the default)."""
+        for layer in self.transformer.layers:
+            layer.attention.attention_fn = attention_fn
+
+    def external_parameter_reads(self) -> list[tuple[nn.Module, nn.Parameter]]:
+        """``(module, parameter)`` pairs read by a module that does not own them, beyond children's
+        weights read directly (ZeRO-3 must gather them for that module): the per-layer modulation
+        offsets, added in ``forward``."""
+        return [(self, offsets) for offsets in self.mixins["adaln_layer"].adaLN_modulations]
 
     def _check_latent(self, name: str, latent: torch.Tensor, batch: int) -> tuple[int, int]:
         _, ph, pw = self.config.patch_size

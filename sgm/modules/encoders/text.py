@@ -26,7 +26,8 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
-from sgm.checkpoint import load_strict, read_state_dict
+from sgm.checkpoint import StateDictMismatchError, load_strict, read_state_dict
+from sgm.convert.keymap import KeyMap
 
 log = logging.getLogger(__name__)
 
@@ -43,73 +44,49 @@ def clean_text(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-# Release key -> Hugging Face key; "{i}" is the block index.
-_T5_RENAMES = {
-    "norm.weight": "encoder.final_layer_norm.weight",
-    "blocks.{i}.norm1.weight": "encoder.block.{i}.layer.0.layer_norm.weight",
-    "blocks.{i}.attn.q.weight": "encoder.block.{i}.layer.0.SelfAttention.q.weight",
-    "blocks.{i}.attn.k.weight": "encoder.block.{i}.layer.0.SelfAttention.k.weight",
-    "blocks.{i}.attn.v.weight": "encoder.block.{i}.layer.0.SelfAttention.v.weight",
-    "blocks.{i}.attn.o.weight": "encoder.block.{i}.layer.0.SelfAttention.o.weight",
-    "blocks.{i}.pos_embedding.embedding.weight": (
-        "encoder.block.{i}.layer.0.SelfAttention.relative_attention_bias.weight"
-    ),
-    "blocks.{i}.norm2.weight": "encoder.block.{i}.layer.1.layer_norm.weight",
-    "blocks.{i}.ffn.gate.0.weight": "encoder.block.{i}.layer.1.DenseReluDense.wi_0.weight",
-    "blocks.{i}.ffn.fc1.weight": "encoder.block.{i}.layer.1.DenseReluDense.wi_1.weight",
-    "blocks.{i}.ffn.fc2.weight": "encoder.block.{i}.layer.1.DenseReluDense.wo.weight",
-}
-# The token embedding is one tensor tied to two Hugging Face names.
-_EMBEDDING = "token_embedding.weight"
-_HF_EMBEDDINGS = ("shared.weight", "encoder.embed_tokens.weight")
-
-
-def _template_regex(template: str) -> re.Pattern:
-    return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(\d+)") + "$")
-
-
-def _rename(key: str, table: Mapping[str, str]) -> str | None:
-    for source, target in table.items():
-        match = _template_regex(source).match(key)
-        if match:
-            return target.replace("{i}", match.group(1)) if match.groups() else target
-    return None
+# Release key -> Hugging Face key (spec §2.7); "{i}" is the block index, leaves ``.weight``.
+UMT5_KEYMAP = KeyMap(
+    "umT5 release",
+    "transformers UMT5",
+    renames={
+        "token_embedding": "shared",
+        "norm": "encoder.final_layer_norm",
+        "blocks.{i}.norm1": "encoder.block.{i}.layer.0.layer_norm",
+        "blocks.{i}.attn.q": "encoder.block.{i}.layer.0.SelfAttention.q",
+        "blocks.{i}.attn.k": "encoder.block.{i}.layer.0.SelfAttention.k",
+        "blocks.{i}.attn.v": "encoder.block.{i}.layer.0.SelfAttention.v",
+        "blocks.{i}.attn.o": "encoder.block.{i}.layer.0.SelfAttention.o",
+        "blocks.{i}.pos_embedding.embedding": "encoder.block.{i}.layer.0.SelfAttention.relative_attention_bias",
+        "blocks.{i}.norm2": "encoder.block.{i}.layer.1.layer_norm",
+        "blocks.{i}.ffn.gate.0": "encoder.block.{i}.layer.1.DenseReluDense.wi_0",
+        "blocks.{i}.ffn.fc1": "encoder.block.{i}.layer.1.DenseReluDense.wi_1",
+        "blocks.{i}.ffn.fc2": "encoder.block.{i}.layer.1.DenseReluDense.wo",
+    },
+)
+# The token embedding is one tensor tied to two Hugging Face names; the map writes the first.
+_TIED_EMBEDDING = ("shared.weight", "encoder.embed_tokens.weight")
 
 
 def release_to_hf_umt5(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Release ``.pth`` keys -> ``UMT5EncoderModel`` keys (pure renames, no reshapes)."""
-    out, unknown = {}, []
-    for key, tensor in state_dict.items():
-        if key == _EMBEDDING:
-            out.update(dict.fromkeys(_HF_EMBEDDINGS, tensor))
-        elif (new := _rename(key, _T5_RENAMES)) is not None:
-            out[new] = tensor
-        else:
-            unknown.append(key)
-    if unknown:
-        raise KeyError(f"unexpected key(s) in the umT5 checkpoint: {sorted(unknown)}")
+    out = UMT5_KEYMAP.apply(state_dict)
+    if _TIED_EMBEDDING[0] in out:
+        out[_TIED_EMBEDDING[1]] = out[_TIED_EMBEDDING[0]]
     return out
 
 
 def hf_to_release_umt5(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Inverse of ``release_to_hf_umt5`` (the tied embedding is written once)."""
-    inverse = {v: k for k, v in _T5_RENAMES.items()}
-    out, unknown = {}, []
-    for key, tensor in state_dict.items():
-        if key in _HF_EMBEDDINGS:
-            out[_EMBEDDING] = tensor
-        elif (new := _rename(key, inverse)) is not None:
-            out[new] = tensor
-        else:
-            unknown.append(key)
-    if unknown:
-        raise KeyError(f"no release name for umT5 key(s): {sorted(unknown)}")
-    return out
+    hf = dict(state_dict)
+    if _TIED_EMBEDDING[0] not in hf and _TIED_EMBEDDING[1] in hf:
+        hf[_TIED_EMBEDDING[0]] = hf[_TIED_EMBEDDING[1]]
+    hf.pop(_TIED_EMBEDDING[1], None)
+    return UMT5_KEYMAP.invert(hf)
 
 
 def infer_umt5_config(release_state_dict: Mapping[str, torch.Tensor]) -> UMT5Config:
     """The encoder's configuration read off the release checkpoint's shapes (umT5-XXL: 256384, 4096, 24, 64 heads)."""
-    vocab, d_model = release_state_dict[_EMBEDDING].shape
+    vocab, d_model = release_state_dict["token_embedding.weight"].shape
     layers = 1 + max(int(m.group(1)) for k in release_state_dict if (m := re.match(r"blocks\.(\d+)\.", k)))
     buckets, heads = release_state_dict["blocks.0.pos_embedding.embedding.weight"].shape
     return UMT5Config(
@@ -227,7 +204,7 @@ class TextEncoder(nn.Module):
 class TextEncoderConfig:
     """The ``text_encoder:`` config section."""
 
-    path: str = ""  # the release's umt5-xxl folder (.pth + tokenizer) or a Hugging Face UMT5 folder
+    path: str | None = None  # the release's umt5-xxl folder (.pth + tokenizer) or an HF UMT5 folder; unset: the card's
     dtype: str = "bfloat16"  # float32 on CPU
     placement: Placement = Placement.device  # device | cpu (always) | offload (on the device only while encoding)
     max_length: int = T5_MAX_LENGTH
@@ -254,5 +231,9 @@ def load_release_umt5(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> 
         raise ValueError(f"{path}: not a umT5 encoder checkpoint ({exc})") from None
     with torch.device("meta"):
         model = UMT5EncoderModel(config)
-    load_strict(model, release_to_hf_umt5(release), f"{path} (umT5 encoder)", assign=True, dtype=dtype)
+    try:
+        renamed = release_to_hf_umt5(release)
+    except KeyError as exc:
+        raise StateDictMismatchError(f"{path} (umT5 encoder): {exc.args[0]}") from None
+    load_strict(model, renamed, f"{path} (umT5 encoder)", assign=True, dtype=dtype)
     return model

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import IterableDataset, get_worker_info
 
-from sgm.data.references import ReferenceError, fit_reference, image_to_tensor, load_reference
+from sgm.data.references import RELEASE_MAX_REFERENCES, ReferenceError, fit_reference, image_to_tensor, load_reference
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class DataConfig:
     width: int = 832
     num_frames: int = 81  # video frames, 4k+1
     fps: int = 16
-    max_references: int = 3
+    max_references: int = RELEASE_MAX_REFERENCES
     num_workers: int = 2
     seed: int = 0
     latents: bool = False  # read <root>/latents/<id>.safetensors (tools/precompute_latents.py), skip the VAE
@@ -56,8 +56,11 @@ class BadSampleError(ValueError):
     """A sample that cannot be used, with the reason."""
 
 
-def select_frames(total: int, source_fps: float, target_fps: float, num_frames: int) -> list[int]:
-    """Indices of ``num_frames`` source frames (the release's rule; repeats the last when short)."""
+def select_frames(
+    total: int, source_fps: float, target_fps: float, num_frames: int, *, frames_multiple: int
+) -> list[int]:
+    """Indices of ``num_frames`` source frames (the release's rule; repeats the last when short, after
+    the largest count the VAE encodes whole: ``frames_multiple·k + 1``, ``sgm.models.wan_vae.frame_multiple``)."""
     if total <= 0:
         raise BadSampleError("the video has no frames")
     stride = source_fps / target_fps
@@ -65,7 +68,7 @@ def select_frames(total: int, source_fps: float, target_fps: float, num_frames: 
         return [SKIP_FRAMES + int(i * stride) for i in range(num_frames)]
     if total > num_frames + 2 * SKIP_FRAMES:
         return np.linspace(SKIP_FRAMES, total - 1 - SKIP_FRAMES, num_frames).astype(int).tolist()
-    count = 1 + 4 * ((min(total, num_frames) - 1) // 4)  # largest 4k+1 that fits
+    count = 1 + frames_multiple * ((min(total, num_frames) - 1) // frames_multiple)  # largest mk+1 that fits
     return list(range(count)) + [count - 1] * (num_frames - count)
 
 
@@ -78,13 +81,15 @@ def resize_cover(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return frames[:, :, top : top + height, left : left + width]
 
 
-def read_video(path: Path, config: DataConfig) -> tuple[torch.Tensor, int]:
+def read_video(path: Path, config: DataConfig, frames_multiple: int) -> tuple[torch.Tensor, int]:
     """``[F, 3, H, W]`` float32 in [-1, 1] and the fps, or ``BadSampleError``."""
     import decord
 
     try:
         reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
-        indices = select_frames(len(reader), reader.get_avg_fps(), config.fps, config.num_frames)
+        indices = select_frames(
+            len(reader), reader.get_avg_fps(), config.fps, config.num_frames, frames_multiple=frames_multiple
+        )
         frames = torch.from_numpy(reader.get_batch(indices).asnumpy())  # [F, h, w, 3] uint8
     except BadSampleError:
         raise
@@ -111,6 +116,8 @@ class VideoDataset(IterableDataset):
         world_size: int = 1,
         start_epoch: int = 0,
         start_chunk: int = 0,
+        *,
+        frames_multiple: int,
     ):
         super().__init__()
         root = Path(config.root)
@@ -119,8 +126,12 @@ class VideoDataset(IterableDataset):
         self.ids = sorted(p.stem for p in (root / "videos").iterdir() if p.suffix == ".mp4")
         if not self.ids:
             raise FileNotFoundError(f"data.root: {root / 'videos'} holds no .mp4 files")
-        if config.num_frames % 4 != 1:
-            raise ValueError(f"data.num_frames: expected 4k+1 video frames, got {config.num_frames}")
+        if config.num_frames < 1 or (config.num_frames - 1) % frames_multiple:
+            raise ValueError(
+                f"data.num_frames: expected {frames_multiple}k+1 video frames (what the VAE encodes whole), "
+                f"got {config.num_frames}"
+            )
+        self.frames_multiple = frames_multiple
         self.config = config
         self.root = root
         self.batch_size = batch_size
@@ -141,7 +152,7 @@ class VideoDataset(IterableDataset):
         paths = sorted(p for p in ref_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if ref_dir.is_dir() else []
         if not paths:
             raise BadSampleError(f"{sample_id}: no reference images in {ref_dir}")
-        video, fps = read_video(self.root / "videos" / f"{sample_id}.mp4", self.config)
+        video, fps = read_video(self.root / "videos" / f"{sample_id}.mp4", self.config, self.frames_multiple)
         try:
             images = [load_reference(str(p)) for p in paths[: self.config.max_references]]
         except ReferenceError as exc:
@@ -244,3 +255,25 @@ def collate(samples: list[dict]) -> dict:
         ids=[s["id"] for s in good],
     )
     return batch
+
+
+class BadDataError(RuntimeError):
+    """Not one usable sample in a whole epoch: training cannot make progress."""
+
+
+def next_usable_batch(loader: Iterator[dict], batches_per_epoch: int) -> tuple[dict, int]:
+    """The next batch with at least one good sample, and how many bad samples were skipped on the way.
+
+    After ``batches_per_epoch`` empty batches in a row every sample of an epoch has been tried
+    and was bad: ``BadDataError`` instead of looping for ever.
+    """
+    skipped = 0
+    for _ in range(max(1, batches_per_epoch)):
+        batch = next(loader)
+        skipped += batch["skipped"]
+        if batch["size"]:
+            return batch, skipped
+    raise BadDataError(
+        f"no usable sample in {batches_per_epoch} batch(es) in a row, a whole epoch: every sample is bad "
+        "(the warnings above name each one and the reason)"
+    )

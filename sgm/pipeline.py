@@ -1,0 +1,458 @@
+"""The library under every script: components config, ``load_dit``, ``KaleidoPipeline``.
+
+    from sgm.pipeline import KaleidoPipeline, SamplingConfig
+    from sat.config import load_config
+
+    config = load_config(SamplingConfig, ["configs/sampling/shapes.yaml"])
+    pipe = KaleidoPipeline.from_config(config)
+    video = pipe("the red circle moves left", references=[Image.open("ref.png")], seed=1)
+    # video: [1, 3, frames, height, width] float32 in [-1, 1]
+
+``ComponentsConfig`` names what to load (DiT architecture and weights, text encoder, VAE, device,
+sequence parallelism); ``SamplingConfig`` adds the sampler and the sampling script's inputs and
+outputs; the training config (``sgm.training.TrainingConfig``) adds data and optimizer.
+``resolve_components`` reads only small files (the checkpoint's model card, the VAE's config) to
+learn the architecture and the video geometry, so ``validate_sampling`` rejects bad sizes, frame
+counts, reference counts and sequence-parallel layouts before any weight loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from sat.parallel import (
+    ParallelState,
+    UlyssesAttention,
+    check_heads,
+    gather,
+    shard,
+    split_dim,
+    token_offset,
+)
+from sgm.checkpoint import find_model_card, load_dit_state_dict, read_dit_checkpoint
+from sgm.data.references import RELEASE_MAX_REFERENCES, fit_reference, image_to_tensor
+from sgm.diffusion.sampling import cfg_denoiser, sample
+from sgm.diffusion.schedules import SAMPLING_SHIFT, shifted_schedule
+from sgm.geometry import VideoGeometry
+from sgm.models.wan_vae import VAEConfig, WanVAE, build_vae, default_vae_config, read_vae_strides, vae_strides
+from sgm.modules.attention import attention_heads
+from sgm.modules.dit import DiTConfig, KaleidoDiT
+from sgm.modules.encoders.conditioner import WAN_NEGATIVE_PROMPT, TextConditioner
+from sgm.modules.encoders.text import TextEncoderConfig, build_text_encoder
+from sgm.registry import ModelConfig, build_dit, resolve_device, resolve_dtype, resolve_model
+
+log = logging.getLogger(__name__)
+
+SP_SPLITS = ("auto", "height", "width")
+
+
+@dataclass
+class ComponentsConfig:
+    """What to load: the sections every script shares."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    load: str | None = None  # DiT weights: SAT folder (latest + <iter>/...), .pt/.pth or .safetensors
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda
+    sequence_parallel_size: int = 1
+    sp_split: str = "auto"  # auto | height | width
+
+
+@dataclass
+class SamplingConfig(ComponentsConfig):
+    """Sampling: components, sampler settings, and the inputs and outputs of ``sample_video.py``."""
+
+    input_file: str | None = None  # prompt@@ref lines (.txt) or JSONL
+    output_dir: str = "outputs/samples"
+    seed: int = 1234  # item i without its own seed uses seed + i
+    sampling_image_size: list[int] = field(default_factory=lambda: [512, 896])  # [height, width]
+    sampling_num_frames: int = 21  # latent frames (the release's meaning): t(n-1)+1 video frames
+    sampling_fps: int = 16
+    num_steps: int = 50
+    guidance_scale: float = 6.0
+    shift: float = SAMPLING_SHIFT
+    sample_neg_prompt: str = WAN_NEGATIVE_PROMPT
+    max_references: int = RELEASE_MAX_REFERENCES
+    only_save_latents: bool = False
+    contact_sheet: bool = True  # contact_sheet.png: the references beside a grid of the frames
+    release_prompt_compat: bool = False  # True: T5 reads the whole line with its @@paths (release)
+
+
+@dataclass(frozen=True)
+class Components:
+    """What ``resolve_components`` learned without loading weights."""
+
+    name: str
+    arch: DiTConfig
+    geometry: VideoGeometry
+    vae_path: str
+    text_encoder_path: str
+    text_max_length: int | None = None  # from the card, when the YAML leaves the default
+
+
+def _pointer(given: str | None, card: dict | None, folder: Path | None, key: str) -> str:
+    """The path of a component: the config's, else the card's (relative to the card's folder)."""
+    from_card = ""
+    if card and card.get(key):
+        value = str(card[key])
+        from_card = value if Path(value).is_absolute() else os.path.normpath(folder / value)
+    if given and from_card and Path(given).resolve() != Path(from_card).resolve():
+        log.warning(
+            "%s.path=%s, but the checkpoint was trained with %s (%s.path= uses that)", key, given, from_card, key
+        )
+    return given or from_card
+
+
+def resolve_components(config: ComponentsConfig, *, planning: bool = False) -> Components:
+    """Architecture and geometry from the config and the checkpoint's model card (small files only).
+
+    The card fills ``vae.path`` and ``text_encoder.path`` when the YAML leaves them empty; a
+    ``model.name``/``model.arch`` in the YAML that contradicts the card is an error. ``planning``
+    (memory plans, dry runs: no weights needed) assumes the Wan2.1 VAE when the file is absent.
+    """
+    found = find_model_card(config.load) if config.load else None
+    card, folder = found if found else (None, None)
+    name, arch = resolve_model(config.model, card, str(folder / "kaleido_model.json") if folder else "")
+    vae_path = _pointer(config.vae.path, card, folder, "vae")
+    text_path = _pointer(config.text_encoder.path, card, folder, "text_encoder")
+    if planning and not Path(vae_path).exists():
+        log.warning("vae.path '%s' not found: planning with the Wan2.1 VAE's strides", vae_path)
+        temporal, spatial = vae_strides(default_vae_config())
+    else:
+        if not vae_path:
+            raise ValueError("vae.path: no VAE given (and no model card beside load= names one)")
+        if not text_path:
+            raise ValueError("text_encoder.path: no text encoder given (and no model card beside load= names one)")
+        try:
+            temporal, spatial = read_vae_strides(vae_path)
+        except FileNotFoundError as exc:
+            raise ValueError(f"vae.path: {exc}") from None
+    max_length = card.get("text_max_length") if card else None
+    return Components(name, arch, VideoGeometry(temporal, spatial, arch.patch_size), vae_path, text_path, max_length)
+
+
+def check_sequence_parallel(
+    geometry: VideoGeometry, arch: DiTConfig, *, height: int, width: int, sp_size: int, sp_split: str, world: int
+) -> None:
+    """Raise ``ValueError`` unless ``sp_size`` ranks can share this video: the size divides the
+    processes and the heads, and the latent splits into whole patches along the chosen axis."""
+    if sp_size < 1 or world % sp_size:
+        raise ValueError(
+            f"sequence_parallel_size: {sp_size} must be at least 1 and divide the number of processes "
+            f"({world}; start several with torchrun --nproc_per_node)"
+        )
+    if sp_split not in SP_SPLITS:
+        raise ValueError(f"sp_split: expected one of {', '.join(SP_SPLITS)}, got '{sp_split}'")
+    check_heads(arch.num_attention_heads, sp_size)
+    if sp_size == 1:
+        return
+    patch = arch.patch_size[1:]
+    h, w = geometry.latent_size(height, width)
+    dim = split_dim(h, sp_size, sp_split, patch=patch)
+    size, multiple = (h, patch[0]) if dim == 3 else (w, patch[1])
+    if size % (multiple * sp_size):
+        axis = "height" if dim == 3 else "width"
+        raise ValueError(
+            f"sequence_parallel_size: the latent {axis} {size} does not split into {sp_size} shards of whole "
+            f"patches of {multiple} (choose another size, sp_split, or sequence_parallel_size)"
+        )
+
+
+def check_request(
+    components: Components,
+    *,
+    height: int,
+    width: int,
+    num_frames: int,
+    references: int,
+    max_references: int,
+) -> None:
+    """Raise ``ValueError`` for a video the model cannot make: size, frame count, reference count."""
+    components.geometry.check_size(height, width, "size [height, width]")
+    components.geometry.latent_frames(num_frames)
+    if references > max_references:
+        raise ValueError(f"{references} references, max_references is {max_references}")
+
+
+def validate_sampling(config: SamplingConfig, components: Components) -> None:
+    """Everything checkable before a model loads; raises ``ValueError`` naming the key."""
+    size = config.sampling_image_size
+    if len(size) != 2:
+        raise ValueError(f"sampling_image_size: expected [height, width], got {size}")
+    try:
+        components.geometry.check_size(*size, "sampling_image_size")
+    except ValueError as exc:
+        raise ValueError(str(exc)) from None
+    if config.sampling_num_frames < 1:
+        raise ValueError(f"sampling_num_frames: expected at least 1 latent frame, got {config.sampling_num_frames}")
+    if config.sampling_fps <= 0:
+        raise ValueError(f"sampling_fps: expected a positive frame rate, got {config.sampling_fps}")
+    if config.num_steps < 1:
+        raise ValueError(f"num_steps: expected at least 1, got {config.num_steps}")
+    if config.max_references < 0:
+        raise ValueError(f"max_references: expected 0 or more, got {config.max_references}")
+    if config.max_references > RELEASE_MAX_REFERENCES:
+        log.warning(
+            "max_references=%d: the release was trained with at most %d", config.max_references, RELEASE_MAX_REFERENCES
+        )
+    check_sequence_parallel(
+        components.geometry,
+        components.arch,
+        height=size[0],
+        width=size[1],
+        sp_size=config.sequence_parallel_size,
+        sp_split=config.sp_split,
+        world=int(os.environ.get("WORLD_SIZE", "1")),
+    )
+
+
+def load_dit(
+    arch: DiTConfig,
+    model: ModelConfig,
+    load: str | None,
+    device: torch.device | str,
+) -> KaleidoDiT:
+    """The DiT of ``arch`` in ``model.dtype`` on ``device``: built on the meta device and given the
+    checkpoint's tensors (strict, ``assign=True``: never an fp32 copy to cast later), or built and
+    initialised on ``device`` when there is no checkpoint."""
+    device = torch.device(device)
+    dit = build_dit(
+        arch,
+        device="meta" if load else device,
+        dtype=model.dtype,
+        checkpoint_activations=model.checkpoint_activations,
+    )
+    if load:
+        load_dit_state_dict(dit, read_dit_checkpoint(load), assign=True)
+        dit = dit.to(device)
+        log.info("loaded DiT weights from %s", load)
+    return dit
+
+
+def enable_sequence_parallel(dit: KaleidoDiT, parallel: ParallelState) -> None:
+    """Route the DiT's self-attention through Ulysses over ``parallel``'s SP group (public hook)."""
+    if parallel.sp_size == 1:
+        return
+    check_heads(dit.config.num_attention_heads, parallel.sp_size)
+    dit.set_self_attention(UlyssesAttention(parallel.sp_group, attention_heads))
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    num_steps: int = 50
+    guidance_scale: float = 6.0
+    shift: float = SAMPLING_SHIFT
+    negative_prompt: str = WAN_NEGATIVE_PROMPT
+
+
+@dataclass
+class Timings:
+    references_s: float = 0.0
+    text_s: float = 0.0
+    sampling_s: float = 0.0
+    decode_s: float = 0.0
+    network_calls: int = 0
+
+
+def prepare_references(images: Sequence[Image.Image], height: int, width: int) -> torch.Tensor:
+    """``[1, N, 3, H, W]`` in [-1, 1]: each image letterboxed on white to the video size."""
+    return torch.stack([image_to_tensor(fit_reference(im, height, width)) for im in images])[None]
+
+
+class KaleidoPipeline:
+    """DiT + VAE + text conditioner on one device (and one SP group), called with keywords."""
+
+    def __init__(
+        self,
+        *,
+        dit: KaleidoDiT,
+        vae: WanVAE,
+        conditioner: TextConditioner,
+        components: Components,
+        device: torch.device,
+        settings: SamplerSettings = SamplerSettings(),
+        parallel: ParallelState | None = None,
+        sp_split: str = "auto",
+        max_references: int = RELEASE_MAX_REFERENCES,
+    ):
+        self.dit = dit.eval()
+        self.vae = vae
+        self.conditioner = conditioner
+        self.components = components
+        self.geometry = components.geometry
+        self.device = device
+        self.settings = settings
+        self.parallel = parallel or ParallelState()
+        self.sp_split = sp_split
+        self.max_references = max_references
+        if (vae.temporal_stride, vae.spatial_stride) != (self.geometry.temporal_stride, self.geometry.spatial_stride):
+            raise ValueError(
+                f"the VAE's strides ({vae.temporal_stride}, {vae.spatial_stride}) differ from the geometry's "
+                f"({self.geometry.temporal_stride}, {self.geometry.spatial_stride})"
+            )
+
+    @classmethod
+    def from_config(
+        cls,
+        config: SamplingConfig,
+        *,
+        device: torch.device | str | None = None,
+        parallel: ParallelState | None = None,
+        components: Components | None = None,
+    ) -> KaleidoPipeline:
+        """Load every component named by ``config`` (validated first, before any weight loads)."""
+        components = components or resolve_components(config)
+        validate_sampling(config, components)
+        device = resolve_device(device if device is not None else config.device)
+        if device.type == "cpu" and resolve_dtype(config.model.dtype) != torch.float32:
+            log.warning("%s on CPU is several times slower than float32 on most processors", config.model.dtype.value)
+        if not config.load:
+            log.warning(
+                "no DiT checkpoint (load=...): %s has RANDOM weights, the videos will be noise", components.name
+            )
+        parallel = parallel or ParallelState()
+        dit = load_dit(components.arch, config.model, config.load, device)
+        enable_sequence_parallel(dit, parallel)
+        text_config = dataclasses.replace(config.text_encoder, path=components.text_encoder_path)
+        if components.text_max_length and config.text_encoder.max_length == TextEncoderConfig.max_length:
+            text_config.max_length = components.text_max_length
+        text_encoder = build_text_encoder(text_config, device)
+        vae = build_vae(dataclasses.replace(config.vae, path=components.vae_path), device)
+        settings = SamplerSettings(config.num_steps, config.guidance_scale, config.shift, config.sample_neg_prompt)
+        return cls(
+            dit=dit,
+            vae=vae,
+            conditioner=TextConditioner(text_encoder, ucg_rate=0.0),
+            components=components,
+            device=device,
+            settings=settings,
+            parallel=parallel,
+            sp_split=config.sp_split,
+            max_references=config.max_references,
+        )
+
+    def __call__(
+        self,
+        prompt: str,
+        *,
+        references: Sequence[Image.Image] = (),
+        seed: int = 0,
+        height: int,
+        width: int,
+        num_frames: int,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        shift: float | None = None,
+        negative_prompt: str | None = None,
+        progress: bool = False,
+        timings: Timings | None = None,
+    ) -> torch.Tensor:
+        """The video ``[1, 3, num_frames, height, width]`` float32 in [-1, 1] (``num_frames``: video
+        frames, ``t·k + 1`` for the VAE's temporal stride ``t``)."""
+        latents = self.generate_latents(
+            prompt,
+            references=references,
+            seed=seed,
+            height=height,
+            width=width,
+            num_frames=num_frames,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            shift=shift,
+            negative_prompt=negative_prompt,
+            progress=progress,
+            timings=timings,
+        )
+        return self.decode(latents, timings=timings)
+
+    def reference_latents(self, images: Sequence[Image.Image], height: int, width: int) -> torch.Tensor | None:
+        """``[1, N, C, h, w]`` latents of the references (each its own one-frame clip), or None."""
+        if not images:
+            return None
+        return self.vae.encode_references(prepare_references(images, height, width).to(self.device))
+
+    @torch.no_grad()
+    def generate_latents(
+        self,
+        prompt: str,
+        *,
+        references: Sequence[Image.Image] = (),
+        seed: int = 0,
+        height: int,
+        width: int,
+        num_frames: int,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        shift: float | None = None,
+        negative_prompt: str | None = None,
+        progress: bool = False,
+        timings: Timings | None = None,
+    ) -> torch.Tensor:
+        """The sampled latent ``[1, T, C, h, w]`` float32 (full size on every rank of the SP group)."""
+        check_request(
+            self.components,
+            height=height,
+            width=width,
+            num_frames=num_frames,
+            references=len(references),
+            max_references=self.max_references,
+        )
+        settings = self.settings
+        timings = timings if timings is not None else Timings()
+        start = time.perf_counter()
+        subjects = self.reference_latents(references, height, width)
+        timings.references_s += time.perf_counter() - start
+
+        start = time.perf_counter()
+        negative = settings.negative_prompt if negative_prompt is None else negative_prompt
+        context = self.conditioner([prompt])[0]["crossattn"].to(self.device)
+        uncond = self.conditioner.unconditional(negative, 1)["crossattn"].to(self.device)
+        timings.text_s += time.perf_counter() - start
+
+        shape = self.geometry.latent_shape(
+            height=height,
+            width=width,
+            latent_frames=self.geometry.latent_frames(num_frames),
+            channels=self.dit.config.in_channels,
+        )
+        noise = torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed)).to(self.device)
+        patch = self.dit.config.patch_size[1:]
+        dim = split_dim(shape[2], self.parallel.sp_size, self.sp_split, patch=patch)
+        noise = shard(noise, dim, self.parallel, patch=patch)
+        if subjects is not None:
+            subjects = shard(subjects, dim, self.parallel, patch=patch)
+        offset = token_offset(tuple(noise.shape), dim, self.parallel, patch=patch)
+
+        def network(x, timesteps, ctx, subj):
+            timings.network_calls += 1
+            return self.dit(x, timesteps, ctx, subj, token_offset=offset)
+
+        start = time.perf_counter()
+        scale = settings.guidance_scale if guidance_scale is None else guidance_scale
+        denoise = cfg_denoiser(network, context, uncond, subjects, scale)
+        sigmas = shifted_schedule(
+            settings.num_steps if steps is None else steps, settings.shift if shift is None else shift
+        )
+        latents = sample(denoise, noise, sigmas, progress=progress)
+        timings.sampling_s += time.perf_counter() - start
+        return gather(latents, dim, self.parallel)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, *, timings: Timings | None = None) -> torch.Tensor:
+        """``[1, T, C, h, w]`` -> video ``[1, 3, F, H, W]`` in [-1, 1]; the latent is first cast to the
+        model dtype as the release does."""
+        start = time.perf_counter()
+        video = self.vae.decode(latents.to(self.dit.dtype))
+        if timings is not None:
+            timings.decode_s += time.perf_counter() - start
+        return video
