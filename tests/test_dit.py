@@ -223,3 +223,63 @@ def test_cuda_bf16_forward_close_to_cpu_float32(model):
         ref = model(x, t, context, subjects)
         out = gpu(x.cuda(), t.cuda(), context.cuda(), subjects.cuda()).float().cpu()
     assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_init_weights_follows_the_spec_and_ignores_the_thread_count():
+    """spec-dit §1.4: column linears N(0, 0.02), row linears N(0, 0.02/sqrt(2L)), their biases 0,
+    patch conv and final linear Xavier-uniform, modulation offsets N(0, 1)/sqrt(D), PyTorch's default
+    Linear init for the embeddings, norm gains 1; one seed gives the same weights on 1 and 2 threads."""
+    import math
+
+    from sgm.modules.dit import init_weights
+
+    arch = {"num_layers": 4, "hidden_size": 256, "num_attention_heads": 4, "inner_hidden_size": 512, "text_dim": 64}
+    threads = torch.get_num_threads()
+    models = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            model = build_dit(arch, init=False)
+            init_weights(model, seed=11)
+            models.append(model)
+    finally:
+        torch.set_num_threads(threads)
+    one, two = (m.state_dict() for m in models)
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    other = build_dit(arch, init=False)
+    init_weights(other, seed=12)
+    key = "transformer.layers.0.mlp.dense_h_to_4h.weight"
+    assert not torch.equal(other.state_dict()[key], one[key])  # another seed, other weights
+
+    def std_of(suffix: str) -> float:
+        values = torch.cat([v.flatten() for name, v in one.items() if name.endswith(suffix)])
+        assert abs(values.mean().item()) < 0.1 * values.std().item()
+        return values.std().item()
+
+    for column in (
+        "query_key_value.weight",
+        "cross_attention.query.weight",
+        "key_value.weight",
+        "dense_h_to_4h.weight",
+    ):
+        assert std_of(column) == pytest.approx(0.02, rel=0.03), column
+    for row in ("attention.dense.weight", "cross_attention.dense.weight", "dense_4h_to_h.weight"):
+        assert std_of(row) == pytest.approx(0.02 / math.sqrt(2 * 4), rel=0.03), row
+    for bias in ("query_key_value.bias", "attention.dense.bias", "dense_h_to_4h.bias", "dense_4h_to_h.bias"):
+        assert all(not v.any() for name, v in one.items() if name.endswith(bias))
+    assert std_of("adaLN_modulations.0") == pytest.approx(1 / math.sqrt(256), rel=0.1)
+    patch = one["mixins.patch_embed.proj.weight"]  # Xavier-uniform on [D, C·1·2·2]
+    bound = math.sqrt(6 / (256 + 16 * 4))
+    assert (
+        patch.abs().max() <= bound
+        and patch.abs().max() > 0.95 * bound
+        and not one["mixins.patch_embed.proj.bias"].any()
+    )
+    final = one["mixins.final_layer.linear.weight"]  # [4·16, D]
+    assert final.abs().max() <= math.sqrt(6 / (64 + 256)) and final.std() > 0.8 * math.sqrt(6 / (64 + 256)) / math.sqrt(
+        3
+    )
+    time_in = one["time_embed.0.weight"]  # default Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert time_in.abs().max() <= 1 / math.sqrt(arch.get("time_freq_dim", 256))
+    norms = [v for name, v in one.items() if "layernorm_list" in name]
+    assert norms and all(torch.equal(v, torch.ones_like(v)) for v in norms)

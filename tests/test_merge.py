@@ -12,7 +12,7 @@ from diffusers import WanTransformer3DModel
 from safetensors.torch import save_file
 
 import merge_kaleido
-from sgm.checkpoint import ENGINE_PREFIX, read_dit_checkpoint, read_state_dict
+from sgm.checkpoint import ENGINE_PREFIX, find_model_card, read_dit_checkpoint, read_state_dict
 from sgm.convert.diffusers_wan import diffusers_to_kaleido, kaleido_to_diffusers
 from sgm.convert.wan_official import kaleido_to_wan, wan_to_kaleido
 from sgm.modules.encoders.text import RELEASE_T5_FILE
@@ -86,6 +86,13 @@ def test_every_download_format_merges_to_the_source(tmp_path, source, kind, capl
     assert (out / "Wan2.1_VAE.pth").is_file() and (out / "umt5-xxl" / RELEASE_T5_FILE).is_file()
     assert (out / "model" / "latest").read_text().strip() == "1"
     assert not list(out.glob(".merge-tmp-*"))
+    from sgm.pipeline import SamplingConfig, resolve_components
+
+    components = resolve_components(SamplingConfig(load=str(out / "model")))  # no model, VAE or T5 given
+    assert components.name == "kaleido-tiny" and components.arch.num_layers == 4
+    assert (
+        Path(components.vae_path) == out / "Wan2.1_VAE.pth" and Path(components.text_encoder_path) == out / "umt5-xxl"
+    )
     assert merge(download, out) == 0 and "already a finished merge" in caplog.text  # idempotent
 
 
@@ -200,6 +207,8 @@ def test_converter_cli_round_trip_and_diffusers_export_runs(tmp_path, source):
     for path in (tmp_path / "sat", tmp_path / "back", tmp_path / "k.safetensors"):
         loaded = read_dit_checkpoint(path)
         assert all(torch.equal(loaded[k], kaleido[k]) for k in kaleido) and set(loaded) == set(kaleido)
+        card, _ = find_model_card(path)
+        assert card["name"] == "kaleido-tiny" and card["architecture"]["hidden_size"] == 128
     config = json.loads((tmp_path / "diff" / "config.json").read_text())
     # from_pretrained would need `accelerate` for this class; the same files, loaded by hand:
     twin = WanTransformer3DModel(**{k: v for k, v in config.items() if not k.startswith("_")}).eval()

@@ -218,3 +218,16 @@ def test_reference_loading_modes(refs):
     assert load_reference(str(refs / "grey16.png")).mode == "RGB"
     frame = np.asarray(load_reference(f"{refs / 'clip.mp4'}#3"))
     assert abs(int(frame.mean()) - 240) < 12
+
+
+def test_release_prompt_compat_feeds_the_whole_line_to_t5(tmp_path, refs):
+    line = f"a cube@@{refs / 'photo.jpg'}"
+    (tmp_path / "in.txt").write_text(line + "\n")
+    for name, compat in (("ours", "false"), ("release", "true")):
+        argv = [f"input_file={tmp_path / 'in.txt'}", "only_save_latents=true", f"release_prompt_compat={compat}"]
+        assert run(tmp_path / name, *argv) == 0
+    ours, release = (next((tmp_path / n).iterdir()) for n in ("ours", "release"))
+    assert json.loads((ours / "meta.json").read_text())["prompt"] == "a cube"
+    assert json.loads((release / "meta.json").read_text())["prompt"] == line  # the @@path reaches T5 too
+    a, b = (load_file(d / "latents.safetensors")["latents"] for d in (ours, release))
+    assert not torch.equal(a, b)  # same seed and references: only the text differs

@@ -12,7 +12,7 @@ import torch
 
 from sat.parallel import free_port
 from sat.training import ScheduleConfig, estimate_memory, lr_factor, parameter_groups, prune_checkpoints
-from sgm.data.video import DataConfig, VideoDataset, select_frames
+from sgm.data.video import BadDataError, DataConfig, VideoDataset, next_usable_batch, select_frames
 from sgm.registry import build_dit
 from tools.make_toy_videos import make_video_dataset
 
@@ -169,10 +169,11 @@ def test_two_process_training_lowers_the_loss_and_samples(dataset, tmp_path):
     import sample_video
 
     out = tmp_path / "samples"
+    card = json.loads((save / "kaleido_model.json").read_text())  # the architecture travels with the weights
+    assert card["name"] == "kaleido-tiny" and card["architecture"]["num_layers"] == 4
     argv = [
         "--config",
-        "configs/model/kaleido_tiny.yaml",
-        "configs/sampling/tiny.yaml",
+        "configs/sampling/tiny.yaml",  # no model YAML: the card says what to build
         f"load={save}",
         f"output_dir={out}",
         "num_steps=2",
@@ -245,3 +246,71 @@ def test_precomputed_latents_train_like_videos(tmp_path):
     assert losses(tmp_path / "videos") == losses(tmp_path / "latents")  # the same numbers, without the VAE
     bad = subprocess.run([*tool, "--shard", "2/2"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "--shard must be K/N" in bad.stderr
+
+
+class _Payload:
+    """Unpickling this runs ``os.system`` (what a planted checkpoint would do)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_resume_refuses_a_planted_pickle(dataset, tmp_path):
+    save = tmp_path / "run"
+    base = [sys.executable, *TRAIN, f"data.root={dataset}", f"save={save}", "save_interval=2"]
+    first = subprocess.run([*base, "train_iters=2"], cwd=ROOT, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-2000:]
+    marker = tmp_path / "pwned"
+    optimizer_file = next((save / "2").glob("*optim_states.pt"))
+    state = torch.load(optimizer_file, weights_only=False)  # our own file, to plant the payload in
+    state["payload"] = _Payload(marker)
+    torch.save(state, optimizer_file)
+    resumed = subprocess.run([*base, "train_iters=4"], cwd=ROOT, capture_output=True, text=True)
+    assert resumed.returncode == 2 and "refusing to resume" in resumed.stderr and "posix.system" in resumed.stderr
+    assert not marker.exists()
+    assert (save / "latest").read_text().strip() == "2"
+
+
+def test_a_dataset_of_only_bad_samples_stops_with_one_error(tmp_path):
+    broken = make_video_dataset(tmp_path / "broken", count=2)
+    for video in (broken / "videos").iterdir():
+        video.write_bytes(b"not a video")
+    config = DataConfig(root=str(broken), height=32, width=32, num_frames=5, fps=8)
+    dataset = VideoDataset(config, frames_multiple=4)
+    with pytest.raises(BadDataError, match="no usable sample in 2 batch"):
+        next_usable_batch(iter(dataset), len(dataset.chunks(0)))
+    good = VideoDataset(
+        DataConfig(root=str(make_video_dataset(tmp_path / "good", count=2)), height=32, width=32, num_frames=5, fps=8),
+        frames_multiple=4,
+    )
+    batch, skipped = next_usable_batch(iter(good), 2)
+    assert batch["size"] == 1 and skipped == 0
+    result = subprocess.run(
+        [sys.executable, *TRAIN, f"data.root={broken}", f"save={tmp_path / 'run'}", "train_iters=2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2 and "every sample is bad" in result.stderr
+
+
+def test_checkpoint_pruning_reports_a_folder_it_cannot_remove(tmp_path, monkeypatch, caplog):
+    import shutil
+
+    for name in ("10", "20", "30"):
+        (tmp_path / name).mkdir()
+    real = shutil.rmtree
+
+    def stuck(path, *args, **kwargs):
+        if Path(path).name == "10":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", stuck)
+    removed = prune_checkpoints(tmp_path, keep_last=1)
+    assert [p.name for p in removed] == ["20"] and (tmp_path / "10").is_dir()
+    assert "could not remove old checkpoint" in caplog.text and "10" in caplog.text

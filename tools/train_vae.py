@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sat.training import ScheduleConfig, lr_factor  # noqa: E402
-from sgm.models.wan_vae import use_fast_rms_norms  # noqa: E402
+from sgm.models.wan_vae import frame_multiple, use_fast_rms_norms, vae_strides  # noqa: E402
 
 log = logging.getLogger("train_vae")
 KL_WEIGHT = 1e-6
@@ -151,8 +151,6 @@ def main(argv=None) -> int:
     parser.add_argument("--min-lr-fraction", type=float, default=0.05, help="cosine floor, as a share of --lr")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.crop % 8 or (args.frames - 1) % 4:
-        parser.error(f"--crop must be a multiple of 8 and --frames 1 + 4k, got {args.crop} and {args.frames}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from diffusers import AutoencoderKLWan
 
@@ -171,6 +169,12 @@ def main(argv=None) -> int:
         model = AutoencoderKLWan.from_pretrained(args.init)
     else:
         model = AutoencoderKLWan(base_dim=args.base_dim, z_dim=16, num_res_blocks=1, dim_mult=[1, 2, 2, 2])
+    temporal, spatial = vae_strides(model.config)
+    if args.crop % spatial or (args.frames - 1) % frame_multiple(temporal):
+        parser.error(
+            f"--crop must be a multiple of {spatial} and --frames {frame_multiple(temporal)}k + 1 for this VAE, "
+            f"got {args.crop} and {args.frames}"
+        )
     use_fast_rms_norms(model)
     encoder_parts = (model.encoder, model.quant_conv)
     if args.freeze_encoder:

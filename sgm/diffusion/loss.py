@@ -11,9 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from sgm.diffusion.schedules import resolution_shift, shift_sigmas
-
-TIMESTEP_SCALE = 1000.0
+from sgm.diffusion.schedules import TIMESTEP_SCALE, resolution_shift, shift_sigmas
 
 
 def training_sigmas(batch: int, tokens_per_frame: int, generator: torch.Generator) -> torch.Tensor:

@@ -11,6 +11,8 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from sgm.diffusion.schedules import TIMESTEP_SCALE
+
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
@@ -63,7 +65,7 @@ def cfg_denoiser(
     both_subjects = double_subjects(subjects)
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        timesteps = (sigma * 1000).expand(2 * x.shape[0])
+        timesteps = (sigma * TIMESTEP_SCALE).expand(2 * x.shape[0])
         out = model(torch.cat([x, x]), timesteps, both_contexts, both_subjects).to(torch.float32)
         v_uncond, v_cond = out.chunk(2)
         return guided_velocity(v_uncond, v_cond, scale)

@@ -9,6 +9,8 @@ import math
 
 import torch
 
+# The DiT's timestep input is 1000·σ (continuous), in training and sampling alike (spec-dit §2).
+TIMESTEP_SCALE = 1000.0
 # The release samples with a fixed shift (not the resolution-dependent training shift).
 SAMPLING_SHIFT = 7.0
 
