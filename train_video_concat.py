@@ -50,7 +50,7 @@ from sgm.models.wan_vae import build_vae, frame_multiple
 from sgm.modules.encoders.conditioner import TextConditioner
 from sgm.modules.encoders.text import build_text_encoder
 from sgm.pipeline import check_sequence_parallel, enable_sequence_parallel, load_dit, resolve_components
-from sgm.registry import resolve_device, resolve_dtype
+from sgm.registry import resolve_device
 from sgm.training import DiffusionEngine, TrainingConfig, memory_table, save_consolidated, write_training_card
 
 log = logging.getLogger("train")
@@ -94,10 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         ):
             os.environ.setdefault(key, value)
         dist.init_process_group("gloo" if device.type == "cpu" else "nccl", rank=0, world_size=1)
-    dtype = resolve_dtype(config.model.dtype)
     torch.manual_seed(config.seed)
 
-    dit = load_dit(components.arch, config.model, config.load, device)
+    dit = load_dit(components, config.load, device, checkpoint_activations=config.model.checkpoint_activations)
     enable_sequence_parallel(dit, parallel)
     if config.zero_stage == 3:
         register_zero3_parameters(dit, dit.external_parameter_reads())
@@ -120,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         parallel.world_size,
         config.zero_stage,
         config.optimizer.gradient_clipping,
-        bf16=dtype == torch.bfloat16,
+        bf16=components.dtype == torch.bfloat16,
     )
     engine, _, _, _ = deepspeed.initialize(
         model=DiffusionEngine(dit),

@@ -48,7 +48,7 @@ from sgm.modules.attention import attention_heads
 from sgm.modules.dit import DiTConfig, KaleidoDiT
 from sgm.modules.encoders.conditioner import WAN_NEGATIVE_PROMPT, TextConditioner
 from sgm.modules.encoders.text import TextEncoderConfig, build_text_encoder
-from sgm.registry import ModelConfig, build_dit, resolve_device, resolve_dtype, resolve_model
+from sgm.registry import ModelConfig, build_dit, model_dtype, resolve_device, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,7 @@ class Components:
 
     name: str
     arch: DiTConfig
+    dtype: torch.dtype  # the DiT's weights (= compute) dtype
     geometry: VideoGeometry
     vae_path: str
     text_encoder_path: str
@@ -138,7 +139,8 @@ def resolve_components(config: ComponentsConfig, *, planning: bool = False) -> C
         except FileNotFoundError as exc:
             raise ValueError(f"vae.path: {exc}") from None
     max_length = card.get("text_max_length") if card else None
-    return Components(name, arch, VideoGeometry(temporal, spatial, arch.patch_size), vae_path, text_path, max_length)
+    geometry = VideoGeometry(temporal, spatial, arch.patch_size)
+    return Components(name, arch, model_dtype(config.model, card), geometry, vae_path, text_path, max_length)
 
 
 def check_sequence_parallel(
@@ -217,20 +219,21 @@ def validate_sampling(config: SamplingConfig, components: Components) -> None:
 
 
 def load_dit(
-    arch: DiTConfig,
-    model: ModelConfig,
+    components: Components,
     load: str | None,
     device: torch.device | str,
+    *,
+    checkpoint_activations: bool = False,
 ) -> KaleidoDiT:
-    """The DiT of ``arch`` in ``model.dtype`` on ``device``: built on the meta device and given the
-    checkpoint's tensors (strict, ``assign=True``: never an fp32 copy to cast later), or built and
-    initialised on ``device`` when there is no checkpoint."""
+    """The DiT of ``components`` on ``device``: built on the meta device and given the checkpoint's
+    tensors (strict, ``assign=True``: never an fp32 copy to cast later), or built and initialised on
+    ``device`` when there is no checkpoint."""
     device = torch.device(device)
     dit = build_dit(
-        arch,
+        components.arch,
         device="meta" if load else device,
-        dtype=model.dtype,
-        checkpoint_activations=model.checkpoint_activations,
+        dtype=components.dtype,
+        checkpoint_activations=checkpoint_activations,
     )
     if load:
         load_dit_state_dict(dit, read_dit_checkpoint(load), assign=True)
@@ -314,14 +317,14 @@ class KaleidoPipeline:
         components = components or resolve_components(config)
         validate_sampling(config, components)
         device = resolve_device(device if device is not None else config.device)
-        if device.type == "cpu" and resolve_dtype(config.model.dtype) != torch.float32:
-            log.warning("%s on CPU is several times slower than float32 on most processors", config.model.dtype.value)
+        if device.type == "cpu" and components.dtype != torch.float32:
+            log.warning("%s on CPU is several times slower than float32 on most processors", components.dtype)
         if not config.load:
             log.warning(
                 "no DiT checkpoint (load=...): %s has RANDOM weights, the videos will be noise", components.name
             )
         parallel = parallel or ParallelState()
-        dit = load_dit(components.arch, config.model, config.load, device)
+        dit = load_dit(components, config.load, device)
         enable_sequence_parallel(dit, parallel)
         text_config = dataclasses.replace(config.text_encoder, path=components.text_encoder_path)
         if components.text_max_length and config.text_encoder.max_length == TextEncoderConfig.max_length:

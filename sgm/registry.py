@@ -180,15 +180,25 @@ class ModelConfig:
 
     name: str | None = None  # a key of ARCHITECTURES; unset: the checkpoint's card (load=...), else kaleido-tiny
     arch: ArchOverrides = field(default_factory=ArchOverrides)  # field overrides of the named architecture
-    dtype: DType = DType.float32  # weights = compute dtype: float32 (CPU default) or bfloat16 (GPU, release)
+    # weights = compute dtype: float32 (CPU) or bfloat16 (GPU, release); unset: the card's, else float32
+    dtype: DType | None = None
     checkpoint_activations: bool = False  # recompute each block in backward (training memory)
 
 
 def build_dit_from_config(config: ModelConfig, device: str | torch.device = "cpu", init: bool = True) -> KaleidoDiT:
     _, arch = resolve_model(config)
     return build_dit(
-        arch, device=device, dtype=config.dtype, checkpoint_activations=config.checkpoint_activations, init=init
+        arch, device=device, dtype=model_dtype(config), checkpoint_activations=config.checkpoint_activations, init=init
     )
+
+
+def model_dtype(config: ModelConfig, card: Mapping[str, Any] | None = None) -> torch.dtype:
+    """The DiT's weight dtype: the config's, else the checkpoint card's, else float32."""
+    if config.dtype is not None:
+        return resolve_dtype(config.dtype)
+    if card and card.get("dtype"):
+        return resolve_dtype(str(card["dtype"]))
+    return torch.float32
 
 
 def architecture_card(name: str, arch: DiTConfig, dtype: str | DType | torch.dtype, **pointers: str | int) -> dict:

@@ -57,7 +57,7 @@ def training_card(config: TrainingConfig, components: Components, save_dir: Path
     return architecture_card(
         components.name,
         components.arch,
-        config.model.dtype,
+        components.dtype,
         vae=os.path.relpath(Path(components.vae_path).resolve(), save_dir.resolve()),
         text_encoder=os.path.relpath(Path(components.text_encoder_path).resolve(), save_dir.resolve()),
         text_max_length=config.text_encoder.max_length,
