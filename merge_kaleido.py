@@ -34,9 +34,12 @@ from sat.arguments import setup_logging
 from sgm.checkpoint import (
     ENGINE_PREFIX,
     IGNORED_PREFIXES,
+    LATEST_FILE,
+    SAFETENSORS_INDEX,
     SAT_MODEL_FILE,
     StateDictMismatchError,
     read_state_dict,
+    write_atomic,
     write_model_card,
     write_sat_checkpoint,
 )
@@ -50,11 +53,11 @@ from sgm.convert.shards import (
     part_groups,
     write_safetensors,
 )
+from sgm.models.wan_vae import RELEASE_VAE_FILE as VAE_FILE
 from sgm.modules.encoders.text import RELEASE_T5_FILE
 from sgm.registry import ARCHITECTURES, architecture_card, check_dit_shapes, resolve_arch
 
 log = logging.getLogger("merge_kaleido")
-VAE_FILE = "Wan2.1_VAE.pth"
 T5_FOLDER = "umt5-xxl"
 ITERATION = "1"
 INFO_FILE = "merge_info.json"
@@ -181,7 +184,7 @@ def validate(tensors: dict[str, TensorInfo], model: str) -> int:
 
 def finished(out: Path, model: str) -> bool:
     info = out / "model" / INFO_FILE
-    if not ((out / "model" / "latest").is_file() and info.is_file()):
+    if not ((out / "model" / LATEST_FILE).is_file() and info.is_file()):
         return False
     record = json.loads(info.read_text())
     return record.get("model") == model and all(
@@ -222,8 +225,8 @@ def write_dit(tensors: dict[str, TensorInfo], folder: Path, fmt: str) -> dict[st
             log.info("wrote %s (%d tensors from %s)", name, len(items), source.name)
             del states
         index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
-        (iteration / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-    (folder / "latest").write_text(ITERATION + "\n")
+        write_atomic(iteration / SAFETENSORS_INDEX, json.dumps(index, indent=1))
+        write_atomic(folder / LATEST_FILE, ITERATION + "\n")
     return {f"model/{k}": v for k, v in sizes.items()}
 
 

@@ -1,8 +1,13 @@
 """Generate videos of the referenced subjects: Kaleido sampling.
 
+    python sample_video.py --config configs/sampling/Y.yaml load=CHECKPOINT [key=value ...]
     python sample_video.py --config configs/model/X.yaml configs/sampling/Y.yaml [key=value ...]
     python sample_video.py --config ... --prompt "a red ball bounces" --ref ball.png
     torchrun --nproc_per_node P sample_video.py --config ... sequence_parallel_size=S
+
+The checkpoint's ``kaleido_model.json`` names its architecture (a model YAML is then optional and
+must agree with it). The library under this script is ``sgm.pipeline``: this file parses
+arguments, reads the items and writes the outputs.
 
 Inputs: ``input_file`` with ``prompt@@ref1@@ref2`` lines (the release's format) or JSONL lines
 ``{"prompt": ..., "references": [...], "seed": ...}``, or one video from ``--prompt``/``--ref``.

@@ -12,8 +12,11 @@ MSE on the velocity. VAE and text encoder are frozen and outside the optimizer.
 
 Checkpoints: ``<save>/<iteration>/mp_rank_00_model_states.pt`` with the DiT under ``module`` as
 ``model.diffusion_model.*`` (what ``sample_video.py load=<save>`` reads) plus DeepSpeed's optimizer
-and scheduler states, and ``<save>/latest`` written last. A run resumes from ``<save>/latest`` when
-present (data position included); otherwise it starts from ``load`` (strict) or from scratch.
+and scheduler states, and ``<save>/latest`` written last; ``<save>/kaleido_model.json`` (the
+architecture, dtype, VAE and text encoder) lets ``sample_video.py load=<save>`` work without a model
+YAML. A run resumes from ``<save>/latest`` when present (data position included; every file is read
+weights-only, a checkpoint that needs code to load is refused); otherwise it starts from ``load``
+(strict) or from scratch. The schema and helpers are in ``sgm.training``; this file is the loop.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from sat.training import (
     remove_recovery_scripts,
     use_weights_only_loading,
 )
-from sgm.checkpoint import write_atomic
+from sgm.checkpoint import LATEST_FILE, write_atomic
 from sgm.data.video import BadDataError, VideoDataset, next_usable_batch
 from sgm.models.engine import training_loss
 from sgm.models.wan_vae import build_vae, frame_multiple
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
     save_dir = Path(config.save)
     iteration, data_epoch, data_chunk = 0, 0, 0
-    if (save_dir / "latest").is_file():
+    if (save_dir / LATEST_FILE).is_file():
         use_weights_only_loading(engine)
         try:
             _, client = engine.load_checkpoint(str(save_dir), load_module_strict=True)

@@ -121,6 +121,7 @@ def load_dit_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]
 # SAT/DeepSpeed checkpoints carry numpy RNG states next to the weights: plain data, allowed.
 _NUMPY_DATA_TYPES = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype("uint32"))]
 SAT_MODEL_FILE = "mp_rank_00_model_states.pt"
+LATEST_FILE = "latest"  # a SAT folder's pointer to its newest iteration folder
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
@@ -131,7 +132,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: checkpoint not found")
-    latest = path / "latest"
+    latest = path / LATEST_FILE
     if latest.is_file():
         path = path / latest.read_text().strip()
     for name in (SAT_MODEL_FILE, SAFETENSORS_INDEX, "model.safetensors"):
@@ -239,7 +240,7 @@ def write_sat_checkpoint(
     torch.save({"module": module}, tmp)
     os.replace(tmp, target)
     if move_latest:
-        write_atomic(folder / "latest", f"{iteration}\n")
+        write_atomic(folder / LATEST_FILE, f"{iteration}\n")
     if card is not None:
         write_model_card(folder, card)
     return target

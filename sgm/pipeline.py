@@ -38,7 +38,7 @@ from sat.parallel import (
     split_dim,
     token_offset,
 )
-from sgm.checkpoint import find_model_card, load_dit_state_dict, read_dit_checkpoint
+from sgm.checkpoint import MODEL_CARD_FILE, find_model_card, load_dit_state_dict, read_dit_checkpoint
 from sgm.data.references import RELEASE_MAX_REFERENCES, fit_reference, image_to_tensor
 from sgm.diffusion.sampling import cfg_denoiser, sample
 from sgm.diffusion.schedules import SAMPLING_SHIFT, shifted_schedule
@@ -123,11 +123,11 @@ def resolve_components(config: ComponentsConfig, *, planning: bool = False) -> C
     """
     found = find_model_card(config.load) if config.load else None
     card, folder = found if found else (None, None)
-    name, arch = resolve_model(config.model, card, str(folder / "kaleido_model.json") if folder else "")
+    name, arch = resolve_model(config.model, card, str(folder / MODEL_CARD_FILE) if folder else "")
     vae_path = _pointer(config.vae.path, card, folder, "vae")
     text_path = _pointer(config.text_encoder.path, card, folder, "text_encoder")
-    if planning and not Path(vae_path).exists():
-        log.warning("vae.path '%s' not found: planning with the Wan2.1 VAE's strides", vae_path)
+    if planning and not (vae_path and Path(vae_path).exists()):
+        log.warning("vae.path '%s' not found: planning with the Wan2.1 VAE's strides", vae_path or "")
         temporal, spatial = vae_strides(default_vae_config())
     else:
         if not vae_path:
@@ -191,10 +191,7 @@ def validate_sampling(config: SamplingConfig, components: Components) -> None:
     size = config.sampling_image_size
     if len(size) != 2:
         raise ValueError(f"sampling_image_size: expected [height, width], got {size}")
-    try:
-        components.geometry.check_size(*size, "sampling_image_size")
-    except ValueError as exc:
-        raise ValueError(str(exc)) from None
+    components.geometry.check_size(*size, "sampling_image_size")
     if config.sampling_num_frames < 1:
         raise ValueError(f"sampling_num_frames: expected at least 1 latent frame, got {config.sampling_num_frames}")
     if config.sampling_fps <= 0:
@@ -252,10 +249,15 @@ def enable_sequence_parallel(dit: KaleidoDiT, parallel: ParallelState) -> None:
 
 @dataclass(frozen=True)
 class SamplerSettings:
+    """The defaults of a pipeline call (each can be given per call)."""
+
     num_steps: int = 50
     guidance_scale: float = 6.0
     shift: float = SAMPLING_SHIFT
     negative_prompt: str = WAN_NEGATIVE_PROMPT
+    height: int = 512
+    width: int = 896
+    num_frames: int = 81  # video frames
 
 
 @dataclass
@@ -331,7 +333,15 @@ class KaleidoPipeline:
             text_config.max_length = components.text_max_length
         text_encoder = build_text_encoder(text_config, device)
         vae = build_vae(dataclasses.replace(config.vae, path=components.vae_path), device)
-        settings = SamplerSettings(config.num_steps, config.guidance_scale, config.shift, config.sample_neg_prompt)
+        settings = SamplerSettings(
+            num_steps=config.num_steps,
+            guidance_scale=config.guidance_scale,
+            shift=config.shift,
+            negative_prompt=config.sample_neg_prompt,
+            height=config.sampling_image_size[0],
+            width=config.sampling_image_size[1],
+            num_frames=components.geometry.video_frames(config.sampling_num_frames),
+        )
         return cls(
             dit=dit,
             vae=vae,
@@ -350,9 +360,9 @@ class KaleidoPipeline:
         *,
         references: Sequence[Image.Image] = (),
         seed: int = 0,
-        height: int,
-        width: int,
-        num_frames: int,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
         steps: int | None = None,
         guidance_scale: float | None = None,
         shift: float | None = None,
@@ -361,7 +371,7 @@ class KaleidoPipeline:
         timings: Timings | None = None,
     ) -> torch.Tensor:
         """The video ``[1, 3, num_frames, height, width]`` float32 in [-1, 1] (``num_frames``: video
-        frames, ``t·k + 1`` for the VAE's temporal stride ``t``)."""
+        frames, ``t·k + 1`` for the VAE's temporal stride ``t``). Unset settings are the config's."""
         latents = self.generate_latents(
             prompt,
             references=references,
@@ -391,9 +401,9 @@ class KaleidoPipeline:
         *,
         references: Sequence[Image.Image] = (),
         seed: int = 0,
-        height: int,
-        width: int,
-        num_frames: int,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
         steps: int | None = None,
         guidance_scale: float | None = None,
         shift: float | None = None,
@@ -402,6 +412,10 @@ class KaleidoPipeline:
         timings: Timings | None = None,
     ) -> torch.Tensor:
         """The sampled latent ``[1, T, C, h, w]`` float32 (full size on every rank of the SP group)."""
+        settings = self.settings
+        height = settings.height if height is None else height
+        width = settings.width if width is None else width
+        num_frames = settings.num_frames if num_frames is None else num_frames
         check_request(
             self.components,
             height=height,
@@ -410,7 +424,6 @@ class KaleidoPipeline:
             references=len(references),
             max_references=self.max_references,
         )
-        settings = self.settings
         timings = timings if timings is not None else Timings()
         start = time.perf_counter()
         subjects = self.reference_latents(references, height, width)

@@ -100,7 +100,13 @@ def test_subjects_of_their_own_size(model):
     subjects = [torch.randn(B, 1, C, 4, 6), torch.randn(B, 1, C, 10, 8)]
     with torch.no_grad():
         out = model(x, t, context, subjects)
+        tokens, layout = model.embed_tokens(x, subjects)
+        changed = model(x, t, context, [subjects[0], subjects[1] + 1])
+        alone = model(x, t, context)
+    assert layout.num_subject_tokens == (4 // 2) * (6 // 2) + (10 // 2) * (8 // 2)  # 6 + 20 patches
+    assert tokens.shape[1] == layout.num_subject_tokens + x.shape[1] * (x.shape[3] // 2) * (x.shape[4] // 2)
     assert out.shape == x.shape and torch.isfinite(out).all()
+    assert (out - changed).abs().max() > 1e-4 and (out - alone).abs().max() > 1e-4  # each subject is attended to
 
 
 def test_bad_subject_shapes_are_clear_errors(model):

@@ -168,6 +168,7 @@ def test_portrait_video_and_two_evaluations_per_step(tmp_path):
     out = pipeline.generate_latents("a", references=reference, height=96, width=64, num_frames=5, timings=timings)
     assert out.shape == (1, 2, 16, 12, 8)
     assert timings.network_calls == 3 and batches == [2, 2, 2]  # one [uncond, cond] batch per step
+    assert pipeline("a", steps=1).shape == (1, 3, 9, 64, 96)  # the config's size and 3 latent frames
     with pytest.raises(ValueError, match="expected 4k\\+1 frames"):
         pipeline(prompt="a", height=96, width=64, num_frames=6)
     with pytest.raises(ValueError, match="4 references, max_references is 3"):

@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sgm.checkpoint import (  # noqa: E402
+    LATEST_FILE,
     extract_dit_state_dict,
     read_state_dict,
     resolve_checkpoint,
@@ -49,7 +50,7 @@ WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth")
 
 def read_any(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from a file, a SAT folder, or a folder of weight shards (all merged)."""
-    if path.is_dir() and not (path / "latest").is_file():
+    if path.is_dir() and not (path / LATEST_FILE).is_file():
         shards = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_FILES)
         if not shards:
             raise FileNotFoundError(f"{path}: no weight files")

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sgm.models.wan_vae import diffusers_to_release_vae  # noqa: E402
+from sgm.models.wan_vae import RELEASE_VAE_FILE, diffusers_to_release_vae  # noqa: E402
 from sgm.modules.encoders.text import RELEASE_T5_FILE, hf_to_release_umt5  # noqa: E402
 from sgm.registry import ARCHITECTURES  # noqa: E402
 
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     (out / "examples").mkdir(parents=True, exist_ok=True)
     vocab = make_tokenizer(umt5)
     make_umt5(umt5, vocab, ARCHITECTURES["kaleido-tiny"].text_dim)
-    make_vae(out / "kaleido-tiny" / "Wan2.1_VAE.pth")
+    make_vae(out / "kaleido-tiny" / RELEASE_VAE_FILE)
     make_examples(out / "examples")
     total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     log.info("wrote tiny text encoder (vocab %d), VAE and examples under %s: %.1f KiB", vocab, out, total / 1024)

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 
 import torch
 
+from sgm.checkpoint import ENGINE_PREFIX
 from sgm.convert.keymap import KeyMap
 
 WAN_OFFICIAL = KeyMap(
@@ -62,12 +63,10 @@ WAN_OFFICIAL = KeyMap(
     },
 )
 
-# Prefix some Wan exports carry (stripped first, as the release's converter does).
-WAN_PREFIX = "model.diffusion_model."
-
 
 def wan_to_kaleido(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    stripped = {(k[len(WAN_PREFIX) :] if k.startswith(WAN_PREFIX) else k): v for k, v in state_dict.items()}
+    # Some Wan exports carry the engine prefix too: stripped first, as the release's converter does.
+    stripped = {(k[len(ENGINE_PREFIX) :] if k.startswith(ENGINE_PREFIX) else k): v for k, v in state_dict.items()}
     return WAN_OFFICIAL.invert(stripped)
 
 

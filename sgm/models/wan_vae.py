@@ -34,6 +34,7 @@ from torch import nn
 from sgm.checkpoint import StateDictMismatchError, load_strict, read_state_dict
 from sgm.convert.keymap import KeyMap
 
+RELEASE_VAE_FILE = "Wan2.1_VAE.pth"  # the release's file name (merge output, tiny assets)
 # Wan2.1's per-channel latent statistics as declared (= diffusers' defaults).
 LATENT_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
