@@ -22,50 +22,15 @@ output says so and exits 0.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import shutil
 import sys
-import time
-from pathlib import Path
 
 from sat.arguments import setup_logging
-from sgm.checkpoint import (
-    ENGINE_PREFIX,
-    IGNORED_PREFIXES,
-    LATEST_FILE,
-    SAFETENSORS_INDEX,
-    SAT_MODEL_FILE,
-    StateDictMismatchError,
-    read_state_dict,
-    write_atomic,
-    write_model_card,
-    write_sat_checkpoint,
-)
-from sgm.convert.shards import (
-    WEIGHT_SUFFIXES,
-    ShardError,
-    TensorInfo,
-    copy_file,
-    join_parts,
-    list_tensors,
-    part_groups,
-    write_safetensors,
-)
-from sgm.models.wan_vae import RELEASE_VAE_FILE as VAE_FILE
-from sgm.modules.encoders.text import RELEASE_T5_FILE
-from sgm.registry import ARCHITECTURES, architecture_card, check_dit_shapes, resolve_arch
+from sgm.convert.merge import MergeError, merge
+from sgm.convert.shards import ShardError
+from sgm.registry import ARCHITECTURES
 
 log = logging.getLogger("merge_kaleido")
-T5_FOLDER = "umt5-xxl"
-ITERATION = "1"
-INFO_FILE = "merge_info.json"
-WRAPPER_PREFIXES = ("module.",)
-
-
-class MergeError(ValueError):
-    """The download cannot be merged; the message says why and names the file."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -98,221 +63,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def strip_name(key: str) -> str | None:
-    """The DiT key of a download key, or None for keys to ignore (the frozen text encoder)."""
-    for prefix in WRAPPER_PREFIXES:
-        if key.startswith(prefix):
-            key = key[len(prefix) :]
-    if key.startswith(IGNORED_PREFIXES):
-        return None
-    return key[len(ENGINE_PREFIX) :] if key.startswith(ENGINE_PREFIX) else key
-
-
-class Download:
-    """The download folder, classified into DiT shards, the VAE file and the text-encoder folder."""
-
-    def __init__(self, root: Path, scratch: Path):
-        if not root.is_dir():
-            raise MergeError(f"{root}: checkpoint_dir is not a folder")
-        files = sorted(p for p in root.rglob("*") if p.is_file())
-        groups = part_groups(files)
-        in_parts = {p for parts in groups.values() for p in parts}
-        files = [p for p in files if p not in in_parts]
-        for base, parts in groups.items():
-            target = scratch / base.relative_to(root)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            log.info("joining %d parts of %s", len(parts), base.relative_to(root))
-            files.append(join_parts(base, parts, target))
-        self.root, self.scratch = root, scratch
-        self.vae = next((p for p in files if p.name == VAE_FILE), None)
-        t5_file = next((p for p in files if p.name == RELEASE_T5_FILE), None)
-        self.t5_dir = t5_file.parent if t5_file else None
-        self.t5_files = [
-            p for p in files if self.t5_dir and p.parent == self.t5_dir and p.suffix not in (".sha256", ".size")
-        ]
-        self.indexes = [p for p in files if p.name.endswith(".index.json")]
-        self.dit = [p for p in files if p.suffix in WEIGHT_SUFFIXES and p != self.vae and p not in self.t5_files]
-
-    def relative(self, path: Path) -> str:
-        for base in (self.root, self.scratch):
-            if path.is_relative_to(base):
-                return str(path.relative_to(base))
-        return str(path)
-
-
-def collect_dit(download: Download) -> tuple[dict[str, TensorInfo], int]:
-    """Every DiT tensor by its Kaleido key; duplicates, dtype changes and index gaps are errors."""
-    if not download.dit:
-        raise MergeError(f"{download.root}: no DiT weight files (.safetensors, .bin, .pt, .pth) found")
-    by_name = {download.relative(p): p for p in download.dit}
-    for index in download.indexes:
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        for shard in sorted(set(weight_map.values())):
-            if not (index.parent / shard).is_file() and shard not in by_name:
-                raise MergeError(f"{index}: lists shard {shard}, which is not in the download")
-    tensors: dict[str, TensorInfo] = {}
-    ignored = 0
-    dtype = None
-    for path in download.dit:
-        for info in list_tensors(path):
-            key = strip_name(info.key)
-            if key is None:
-                ignored += 1
-                continue
-            if key in tensors:
-                raise MergeError(f"{key} is in two shards: {tensors[key].file} and {path}")
-            if dtype is None:
-                dtype = info.dtype
-            elif info.dtype != dtype:
-                raise MergeError(f"{path}: tensor {info.key} is {info.dtype}, the shards before it are {dtype}")
-            tensors[key] = info
-    for index in download.indexes:
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        missing = sorted(k for k in weight_map if strip_name(k) is not None and strip_name(k) not in tensors)
-        if missing:
-            raise MergeError(f"{index}: {len(missing)} indexed tensor(s) are in no shard, e.g. {missing[:3]}")
-    return tensors, ignored
-
-
-def validate(tensors: dict[str, TensorInfo], model: str) -> int:
-    try:
-        check_dit_shapes({k: v.shape for k, v in tensors.items()}, model, "the merged DiT's tensors")
-    except StateDictMismatchError as exc:
-        raise MergeError(str(exc)) from None
-    return sum(v.nbytes // v.dtype.itemsize for v in tensors.values())
-
-
-def finished(out: Path, model: str) -> bool:
-    info = out / "model" / INFO_FILE
-    if not ((out / "model" / LATEST_FILE).is_file() and info.is_file()):
-        return False
-    record = json.loads(info.read_text())
-    return record.get("model") == model and all(
-        (out / name).is_file() and (out / name).stat().st_size == size for name, size in record["files"].items()
-    )
-
-
-def write_dit(tensors: dict[str, TensorInfo], folder: Path, fmt: str) -> dict[str, int]:
-    """Write ``folder/1/...`` and ``folder/latest``; returns written file sizes (relative to folder)."""
-    iteration = folder / ITERATION
-    iteration.mkdir(parents=True)
-    sizes: dict[str, int] = {}
-    if fmt == "pt":
-        states: dict[Path, dict] = {}
-        module = {}
-        for key, info in sorted(tensors.items()):
-            if info.offsets is None:
-                states.setdefault(info.file, read_state_dict(info.file))
-                module[key] = states[info.file][info.key]
-            else:
-                import safetensors
-
-                with safetensors.safe_open(str(info.file), "pt") as f:
-                    module[key] = f.get_tensor(info.key)
-        written = write_sat_checkpoint(folder, module, iteration=ITERATION)
-        sizes[f"{ITERATION}/{SAT_MODEL_FILE}"] = written.stat().st_size
-    else:
-        by_file: dict[Path, list[tuple[str, TensorInfo]]] = {}
-        for key, info in sorted(tensors.items()):
-            by_file.setdefault(info.file, []).append((ENGINE_PREFIX + key, info))
-        weight_map = {}
-        total = len(by_file)
-        for number, (source, items) in enumerate(sorted(by_file.items()), start=1):
-            name = f"model-{number:05d}-of-{total:05d}.safetensors"
-            states = None if items[0][1].offsets is not None else {source: read_state_dict(source)}
-            sizes[f"{ITERATION}/{name}"] = write_safetensors(iteration / name, items, states)
-            weight_map.update(dict.fromkeys((n for n, _ in items), name))
-            log.info("wrote %s (%d tensors from %s)", name, len(items), source.name)
-            del states
-        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
-        write_atomic(iteration / SAFETENSORS_INDEX, json.dumps(index, indent=1))
-        write_atomic(folder / LATEST_FILE, ITERATION + "\n")
-    return {f"model/{k}": v for k, v in sizes.items()}
-
-
-def merge(args: argparse.Namespace) -> int:
-    root = Path(args.checkpoint_dir)
-    out = Path(args.output_dir) if args.output_dir else None
-    if out is not None and finished(out, args.model):
-        log.info("%s is already a finished merge for %s: nothing to do", out, args.model)
-        return 0
-    scratch_parent = out if out is not None else root
-    scratch_parent.mkdir(parents=True, exist_ok=True)
-    scratch = scratch_parent / f".merge-tmp-{os.getpid()}"
-    scratch.mkdir()
-    start = time.perf_counter()
-    try:
-        download = Download(root, scratch / "joined")
-        tensors, ignored = collect_dit(download)
-        params = validate(tensors, args.model)
-        missing = [n for n, p in ((VAE_FILE, download.vae), (RELEASE_T5_FILE, download.t5_dir)) if p is None]
-        if missing and not args.dit_only:
-            raise MergeError(f"{root}: {', '.join(missing)} not found (--dit-only merges the DiT alone)")
-        for path in [download.vae, *download.t5_files]:
-            if path is not None and path.suffix in WEIGHT_SUFFIXES:
-                list_tensors(path)  # readable, weights only, not truncated
-        log.info(
-            "DiT: %d tensors, %s parameters, %s, in %d file(s)%s; VAE: %s; text encoder: %s",
-            len(tensors),
-            f"{params:,}",
-            next(iter(tensors.values())).dtype,
-            len(download.dit),
-            f"; {ignored} conditioner tensor(s) ignored" if ignored else "",
-            download.relative(download.vae) if download.vae else "absent",
-            download.relative(download.t5_dir) if download.t5_dir else "absent",
-        )
-        if args.verify_only:
-            log.info("verified %s in %.1f s: ready to merge", root, time.perf_counter() - start)
-            return 0
-        staged = scratch / "out"
-        sizes = write_dit(tensors, staged / "model", args.format)
-        if download.vae is not None:
-            copy_file(download.vae, staged / VAE_FILE, args.link)
-            sizes[VAE_FILE] = (staged / VAE_FILE).stat().st_size
-        if download.t5_dir is not None:
-            (staged / T5_FOLDER).mkdir()
-            for path in download.t5_files:
-                copy_file(path, staged / T5_FOLDER / path.name, args.link)
-                sizes[f"{T5_FOLDER}/{path.name}"] = path.stat().st_size
-        info = {"model": args.model, "parameters": params, "format": args.format, "files": sizes}
-        (staged / "model" / INFO_FILE).write_text(json.dumps(info, indent=1))
-        card = architecture_card(
-            args.model,
-            resolve_arch(args.model),
-            next(iter(tensors.values())).dtype,
-            **{"vae": f"../{VAE_FILE}"} if download.vae is not None else {},
-            **{"text_encoder": f"../{T5_FOLDER}"} if download.t5_dir is not None else {},
-        )
-        write_model_card(staged / "model", card)
-        for name in ("model", VAE_FILE, T5_FOLDER):
-            if (staged / name).exists():
-                target = out / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
-                os.replace(staged / name, target)
-        total = sum(sizes.values())
-        seconds = time.perf_counter() - start
-        log.info(
-            "merged %s parameters into %s: %d files, %.1f GB in %.1f s (%.0f MB/s)",
-            f"{params:,}",
-            out,
-            len(sizes),
-            total / 1e9,
-            seconds,
-            total / 1e6 / max(seconds, 1e-9),
-        )
-        return 0
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level)
     try:
-        return merge(args)
+        return merge(
+            args.checkpoint_dir,
+            args.output_dir,
+            model=args.model,
+            fmt=args.format,
+            link=args.link,
+            dit_only=args.dit_only,
+            verify_only=args.verify_only,
+        )
     except (MergeError, ShardError) as exc:
         log.error("%s", exc)
         return 1

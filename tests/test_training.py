@@ -265,9 +265,7 @@ def test_resume_refuses_a_planted_pickle(dataset, tmp_path):
     assert first.returncode == 0, first.stderr[-2000:]
     marker = tmp_path / "pwned"
     optimizer_file = next((save / "2").glob("*optim_states.pt"))
-    state = torch.load(optimizer_file, weights_only=False)  # our own file, to plant the payload in
-    state["payload"] = _Payload(marker)
-    torch.save(state, optimizer_file)
+    torch.save({"optimizer_state_dict": {}, "payload": _Payload(marker)}, optimizer_file)  # a planted shard
     resumed = subprocess.run([*base, "train_iters=4"], cwd=ROOT, capture_output=True, text=True)
     assert resumed.returncode == 2 and "refusing to resume" in resumed.stderr and "posix.system" in resumed.stderr
     assert not marker.exists()
