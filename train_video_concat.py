@@ -22,7 +22,6 @@ weights-only, a checkpoint that needs code to load is refused); otherwise it sta
 from __future__ import annotations
 
 import csv
-import dataclasses
 import logging
 import os
 import pickle
@@ -36,25 +35,25 @@ from tqdm.auto import tqdm
 
 from sat.arguments import config_parser, parse_config
 from sat.config import to_yaml
-from sat.parallel import free_port, init_parallel
 from sat.training import (
-    deepspeed_config,
-    lr_factor,
-    parameter_groups,
     prune_checkpoints,
-    register_zero3_parameters,
     remove_recovery_scripts,
-    use_weights_only_loading,
 )
-from sgm.checkpoint import LATEST_FILE, write_atomic
+from sgm.checkpoint import write_atomic
 from sgm.data.video import BadDataError, VideoDataset, next_usable_batch
 from sgm.models.engine import training_loss
-from sgm.models.wan_vae import build_vae, frame_multiple
-from sgm.modules.encoders.conditioner import TextConditioner
-from sgm.modules.encoders.text import build_text_encoder
-from sgm.pipeline import check_sequence_parallel, enable_sequence_parallel, load_dit, resolve_components
-from sgm.registry import resolve_device
-from sgm.training import DiffusionEngine, TrainingConfig, memory_table, save_consolidated, write_training_card
+from sgm.models.wan_vae import frame_multiple
+from sgm.pipeline import resolve_components
+from sgm.training import (
+    TrainingConfig,
+    build_training,
+    init_distributed,
+    memory_table,
+    resume_position,
+    save_consolidated,
+    validate_training,
+    write_training_card,
+)
 
 log = logging.getLogger("train")
 
@@ -69,80 +68,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print("\n".join(memory_table(config, components, args.world_size)))
             return 0
-        check_sequence_parallel(
-            components.geometry,
-            components.arch,
-            height=config.data.height,
-            width=config.data.width,
-            sp_size=config.sequence_parallel_size,
-            sp_split=config.sp_split,
-            world=int(os.environ.get("WORLD_SIZE", "1")),
-        )
-        frames = frame_multiple(components.geometry.temporal_stride)
-        VideoDataset(config.data, frames_multiple=frames)  # a missing or empty root fails before anything
+        validate_training(config, components)
     except (FileNotFoundError, ValueError) as exc:
         parser.exit(2, f"error: {exc}\n")
 
-    import deepspeed
-
-    device = resolve_device(config.device)
-    parallel = init_parallel(config.sequence_parallel_size, device)
-    if not dist.is_initialized():  # DeepSpeed needs a process group, even for one process
-        for key, value in (
-            ("MASTER_ADDR", "127.0.0.1"),
-            ("MASTER_PORT", str(free_port())),  # two single-process jobs must not clash
-            ("RANK", "0"),
-            ("LOCAL_RANK", "0"),
-            ("WORLD_SIZE", "1"),
-        ):
-            os.environ.setdefault(key, value)
-        dist.init_process_group("gloo" if device.type == "cpu" else "nccl", rank=0, world_size=1)
+    device, parallel = init_distributed(config)
     torch.manual_seed(config.seed)
-
-    dit = load_dit(components, config.load, device, checkpoint_activations=config.model.checkpoint_activations)
-    enable_sequence_parallel(dit, parallel)
-    if config.zero_stage == 3:
-        register_zero3_parameters(dit, dit.external_parameter_reads())
-    vae = build_vae(dataclasses.replace(config.vae, path=components.vae_path), device)
-    text_config = dataclasses.replace(config.text_encoder, path=components.text_encoder_path)
-    conditioner = TextConditioner(build_text_encoder(text_config, device), config.ucg_rate, config.seed)
-
-    optimizer = torch.optim.AdamW(
-        parameter_groups(dit, config.optimizer.weight_decay),
-        lr=config.optimizer.lr,
-        betas=tuple(config.optimizer.betas),
-        eps=config.optimizer.eps,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda k: lr_factor(k + 1, config.train_iters, config.schedule)
-    )
-    ds_config = deepspeed_config(
-        config.micro_batch_size,
-        config.gradient_accumulation,
-        parallel.world_size,
-        config.zero_stage,
-        config.optimizer.gradient_clipping,
-        bf16=components.dtype == torch.bfloat16,
-    )
-    engine, _, _, _ = deepspeed.initialize(
-        model=DiffusionEngine(dit),
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=ds_config,
-        dist_init_required=False,
-    )
-
+    run = build_training(config, components, device, parallel)
     save_dir = Path(config.save)
-    iteration, data_epoch, data_chunk = 0, 0, 0
-    if (save_dir / LATEST_FILE).is_file():
-        use_weights_only_loading(engine)
-        try:
-            _, client = engine.load_checkpoint(str(save_dir), load_module_strict=True)
-        except pickle.UnpicklingError as exc:
-            log.error("%s: refusing to resume from a checkpoint that needs code to load (%s)", save_dir, exc)
-            return 2
-        iteration, data_epoch, data_chunk = client["iteration"], client["data_epoch"], client["data_chunk"] + 1
-        log.info("resumed from %s at iteration %d", save_dir, iteration)
+    try:
+        iteration, data_epoch, data_chunk = resume_position(run.engine, save_dir)
+    except pickle.UnpicklingError as exc:
+        log.error("%s: refusing to resume from a checkpoint that needs code to load (%s)", save_dir, exc)
+        return 2
+    engine, scheduler = run.engine, run.scheduler
     if parallel.rank == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(save_dir / "config.yaml", to_yaml(config))
@@ -155,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         parallel.dp_size,
         data_epoch,
         data_chunk,
-        frames_multiple=frames,
+        frames_multiple=frame_multiple(components.geometry.temporal_stride),
     )
     batches_per_epoch = len(dataset.chunks(0))
     loader = iter(
@@ -197,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             step = iteration * config.gradient_accumulation + micro
             loss = training_loss(
                 engine,
-                vae,
-                conditioner,
+                run.vae,
+                run.conditioner,
                 batch,
                 step=step,
                 seed=config.seed,

@@ -123,6 +123,11 @@ def resolve_components(config: ComponentsConfig, *, planning: bool = False) -> C
     """
     found = find_model_card(config.load) if config.load else None
     card, folder = found if found else (None, None)
+    if config.load and card is None and config.model.name is None:
+        raise ValueError(
+            f"model.name: {config.load} has no {MODEL_CARD_FILE} (written since by training, merges and exports); "
+            "name the architecture, e.g. --config configs/model/kaleido_14b.yaml"
+        )
     name, arch = resolve_model(config.model, card, str(folder / MODEL_CARD_FILE) if folder else "")
     vae_path = _pointer(config.vae.path, card, folder, "vae")
     text_path = _pointer(config.text_encoder.path, card, folder, "text_encoder")

@@ -8,19 +8,38 @@ sampling, and every checkpoint folder gets a model card (``kaleido_model.json``)
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from sat.training import OptimizerConfig, ScheduleConfig, estimate_memory, gib
-from sgm.checkpoint import SAT_MODEL_FILE, write_model_card, write_sat_checkpoint
-from sgm.data.video import DataConfig
-from sgm.pipeline import Components, ComponentsConfig
-from sgm.registry import architecture_card, build_dit, count_parameters
+from sat.parallel import ParallelState, free_port, init_parallel
+from sat.training import (
+    OptimizerConfig,
+    ScheduleConfig,
+    deepspeed_config,
+    estimate_memory,
+    gib,
+    lr_factor,
+    parameter_groups,
+    register_zero3_parameters,
+    use_weights_only_loading,
+)
+from sgm.checkpoint import LATEST_FILE, SAT_MODEL_FILE, write_model_card, write_sat_checkpoint
+from sgm.data.video import DataConfig, VideoDataset
+from sgm.models.wan_vae import WanVAE, build_vae, frame_multiple
+from sgm.modules.encoders.conditioner import TextConditioner
+from sgm.modules.encoders.text import build_text_encoder
+from sgm.pipeline import Components, ComponentsConfig, check_sequence_parallel, enable_sequence_parallel, load_dit
+from sgm.registry import architecture_card, build_dit, count_parameters, resolve_device
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,6 +57,103 @@ class TrainingConfig(ComponentsConfig):
     keep_last: int = 3
     log_interval: int = 1
     seed: int = 0
+
+
+def validate_training(config: TrainingConfig, components: Components) -> None:
+    """Everything checkable before a process group starts or a weight loads: the sequence-parallel
+    layout at the data's size, and a dataset root with videos at a frame count the VAE encodes."""
+    check_sequence_parallel(
+        components.geometry,
+        components.arch,
+        height=config.data.height,
+        width=config.data.width,
+        sp_size=config.sequence_parallel_size,
+        sp_split=config.sp_split,
+        world=int(os.environ.get("WORLD_SIZE", "1")),
+    )
+    VideoDataset(config.data, frames_multiple=frame_multiple(components.geometry.temporal_stride))
+
+
+def init_distributed(config: TrainingConfig) -> tuple[torch.device, ParallelState]:
+    """The device, the sequence-parallel groups, and a process group even for one process
+    (DeepSpeed needs one): a free loopback port so that two single-process jobs do not clash."""
+    device = resolve_device(config.device)
+    parallel = init_parallel(config.sequence_parallel_size, device)
+    if not dist.is_initialized():
+        for key, value in (
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", str(free_port())),
+            ("RANK", "0"),
+            ("LOCAL_RANK", "0"),
+            ("WORLD_SIZE", "1"),
+        ):
+            os.environ.setdefault(key, value)
+        dist.init_process_group("gloo" if device.type == "cpu" else "nccl", rank=0, world_size=1)
+    return device, parallel
+
+
+@dataclass
+class TrainingRun:
+    """What the loop needs: the DeepSpeed engine (the DiT inside), its scheduler, the frozen parts."""
+
+    engine: Any
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    vae: WanVAE
+    conditioner: TextConditioner
+
+
+def build_training(
+    config: TrainingConfig, components: Components, device: torch.device, parallel: ParallelState
+) -> TrainingRun:
+    """The DiT (``load_dit``, sequence parallel, ZeRO-3 registration), the frozen VAE and text
+    conditioner, AdamW with its groups and the learning-rate schedule, inside DeepSpeed; checkpoint
+    reads are weights-only."""
+    import deepspeed
+
+    dit = load_dit(components, config.load, device, checkpoint_activations=config.model.checkpoint_activations)
+    enable_sequence_parallel(dit, parallel)
+    if config.zero_stage == 3:
+        register_zero3_parameters(dit, dit.external_parameter_reads())
+    vae = build_vae(dataclasses.replace(config.vae, path=components.vae_path), device)
+    text_config = dataclasses.replace(config.text_encoder, path=components.text_encoder_path)
+    conditioner = TextConditioner(build_text_encoder(text_config, device), config.ucg_rate, config.seed)
+    optimizer = torch.optim.AdamW(
+        parameter_groups(dit, config.optimizer.weight_decay),
+        lr=config.optimizer.lr,
+        betas=tuple(config.optimizer.betas),
+        eps=config.optimizer.eps,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda k: lr_factor(k + 1, config.train_iters, config.schedule)
+    )
+    ds_config = deepspeed_config(
+        config.micro_batch_size,
+        config.gradient_accumulation,
+        parallel.world_size,
+        config.zero_stage,
+        config.optimizer.gradient_clipping,
+        bf16=components.dtype == torch.bfloat16,
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=DiffusionEngine(dit),
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=ds_config,
+        dist_init_required=False,
+    )
+    use_weights_only_loading(engine)
+    return TrainingRun(engine, scheduler, vae, conditioner)
+
+
+def resume_position(engine, save_dir: Path) -> tuple[int, int, int]:
+    """``(iteration, data epoch, data chunk)`` to start from: resumed from ``save_dir/latest`` when it
+    exists (weights, optimizer, schedule; ``pickle.UnpicklingError`` for a file that needs code),
+    else the start."""
+    if not (save_dir / LATEST_FILE).is_file():
+        return 0, 0, 0
+    _, client = engine.load_checkpoint(str(save_dir), load_module_strict=True)
+    log.info("resumed from %s at iteration %d", save_dir, client["iteration"])
+    return client["iteration"], client["data_epoch"], client["data_chunk"] + 1
 
 
 class DiffusionEngine(nn.Module):

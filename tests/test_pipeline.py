@@ -75,3 +75,12 @@ def test_without_a_card_the_registry_decides(tmp_path):
     assert components.arch == ARCHITECTURES["kaleido-tiny"] and components.dtype == torch.float32
     with pytest.raises(ValueError, match="vae.path: no VAE given"):
         resolve_components(SamplingConfig(text_encoder=config.text_encoder))
+
+
+def test_weights_without_a_card_need_a_model_name(tmp_path):
+    config = SamplingConfig(load=str(tmp_path / "old_checkpoint.pt"))
+    config.vae.path, config.text_encoder.path = str(ROOT / "assets/kaleido-tiny/Wan2.1_VAE.pth"), "x"
+    with pytest.raises(ValueError, match="model.name: .*old_checkpoint.pt has no kaleido_model.json"):
+        resolve_components(config)
+    config.model.name = "kaleido-tiny"
+    assert resolve_components(config).arch == ARCHITECTURES["kaleido-tiny"]
