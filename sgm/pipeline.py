@@ -43,6 +43,7 @@ from sgm.data.references import RELEASE_MAX_REFERENCES, fit_reference, image_to_
 from sgm.diffusion.sampling import cfg_denoiser, sample
 from sgm.diffusion.schedules import SAMPLING_SHIFT, shifted_schedule
 from sgm.geometry import VideoGeometry
+from sgm.lora import AppliedLoras, LoraConfig, apply_loras, load_lora
 from sgm.models.wan_vae import VAEConfig, WanVAE, build_vae, default_vae_config, read_vae_strides, vae_strides
 from sgm.modules.attention import attention_heads
 from sgm.modules.dit import DiTConfig, KaleidoDiT
@@ -53,6 +54,7 @@ from sgm.registry import ModelConfig, build_dit, model_dtype, resolve_device, re
 log = logging.getLogger(__name__)
 
 SP_SPLITS = ("auto", "height", "width")
+LORA_MODES = ("merge", "adapter")
 
 
 @dataclass
@@ -86,6 +88,8 @@ class SamplingConfig(ComponentsConfig):
     only_save_latents: bool = False
     contact_sheet: bool = True  # contact_sheet.png: the references beside a grid of the frames
     release_prompt_compat: bool = False  # True: T5 reads the whole line with its @@paths (release)
+    lora: list[LoraConfig] = field(default_factory=list)  # [{path, scale}, ...]: Wan/ComfyUI, kohya, diffusers, ours
+    lora_mode: str = "merge"  # merge (into the weights, exact unmerge) | adapter (switchable per call)
 
 
 @dataclass(frozen=True)
@@ -209,6 +213,11 @@ def validate_sampling(config: SamplingConfig, components: Components) -> None:
         log.warning(
             "max_references=%d: the release was trained with at most %d", config.max_references, RELEASE_MAX_REFERENCES
         )
+    if config.lora_mode not in LORA_MODES:
+        raise ValueError(f"lora_mode: expected one of {', '.join(LORA_MODES)}, got '{config.lora_mode}'")
+    for n, entry in enumerate(config.lora):
+        if not Path(entry.path).is_file():
+            raise ValueError(f"lora[{n}].path: {entry.path or '(empty)'} is not a file")
     check_sequence_parallel(
         components.geometry,
         components.arch,
@@ -305,6 +314,7 @@ class KaleidoPipeline:
         self.parallel = parallel or ParallelState()
         self.sp_split = sp_split
         self.max_references = max_references
+        self.loras: AppliedLoras | None = None  # the LoRAs of the config: .set_scale(), .remove()
         if (vae.temporal_stride, vae.spatial_stride) != (self.geometry.temporal_stride, self.geometry.spatial_stride):
             raise ValueError(
                 f"the VAE's strides ({vae.temporal_stride}, {vae.spatial_stride}) differ from the geometry's "
@@ -332,6 +342,8 @@ class KaleidoPipeline:
             )
         parallel = parallel or ParallelState()
         dit = load_dit(components, config.load, device)
+        deltas = [d for entry in config.lora for d in load_lora(entry.path, dit, entry.scale)]
+        loras = apply_loras(dit, deltas, config.lora_mode) if deltas else None
         enable_sequence_parallel(dit, parallel)
         text_config = dataclasses.replace(config.text_encoder, path=components.text_encoder_path)
         if components.text_max_length and config.text_encoder.max_length == TextEncoderConfig.max_length:
@@ -347,7 +359,7 @@ class KaleidoPipeline:
             width=config.sampling_image_size[1],
             num_frames=components.geometry.video_frames(config.sampling_num_frames),
         )
-        return cls(
+        pipe = cls(
             dit=dit,
             vae=vae,
             conditioner=TextConditioner(text_encoder, ucg_rate=0.0),
@@ -358,6 +370,8 @@ class KaleidoPipeline:
             sp_split=config.sp_split,
             max_references=config.max_references,
         )
+        pipe.loras = loras
+        return pipe
 
     def __call__(
         self,

@@ -91,3 +91,32 @@ class KeyMap:
                 raise KeyError(f"{key}: found {len(parts)} of the {count} row blocks it is fused from")
             out[key] = torch.cat([parts[n] for n in range(count)], dim=0)
         return out
+
+    def locate(self, right_name: str) -> tuple[str, int, int] | None:
+        """The left name a right module or parameter name belongs to, and its row block:
+        ``(left name, block, blocks)`` (``block`` 0 of 1 for a plain rename), or None.
+
+        ``right_name`` carries no leaf (``blocks.3.self_attn.q``, not ``....q.weight``), as in LoRA
+        files, which name modules.
+        """
+        reverse = {v: k for k, v in self.renames.items()}
+        if found := _split_key(right_name, reverse):
+            template, index, suffix = found
+            return _fill(reverse[template], index) + suffix, 0, 1
+        part_of = {part: (fused, n) for fused, parts in self.fused.items() for n, part in enumerate(parts)}
+        if found := _split_key(right_name, part_of):
+            template, index, suffix = found
+            fused, position = part_of[template]
+            return _fill(fused, index) + suffix, position, len(self.fused[fused])
+        return None
+
+    def right_names(self, num_layers: int) -> list[str]:
+        """Every right module name of a model with ``num_layers`` layers (templates filled)."""
+        templates = list(self.renames.values()) + [part for parts in self.fused.values() for part in parts]
+        names = []
+        for template in templates:
+            if "{i}" in template:
+                names += [_fill(template, str(i)) for i in range(num_layers)]
+            else:
+                names.append(template)
+        return names

@@ -56,11 +56,19 @@ def cfg_denoiser(
     subjects,
     scale: float,
 ) -> Denoiser:
-    """A denoiser that evaluates ``[uncond, cond]`` in one network call (2 evaluations per step).
+    """A denoiser that evaluates ``[uncond, cond]`` in one network call (2 evaluations per step), or
+    the conditional half alone when ``scale`` is 1 (what step- and CFG-distilled LoRAs sample with).
 
     The two halves differ only in their text; both see the same reference latents (release).
     The timestep fed to the network is ``1000·σ``.
     """
+    if scale == 1.0:  # v_u + 1·(v_c − v_u) = v_c: one evaluation per step, no unconditional half
+
+        def conditional(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            timesteps = (sigma * TIMESTEP_SCALE).expand(x.shape[0])
+            return model(x, timesteps, context, subjects).to(torch.float32)
+
+        return conditional
     both_contexts = torch.cat([uncond_context, context])
     both_subjects = double_subjects(subjects)
 

@@ -1,0 +1,254 @@
+"""LoRA files in the published layouts, merged and as adapters, against a hand-written merge."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+import sample_video
+from sgm.diffusion.schedules import shifted_schedule
+from sgm.lora import apply_loras, load_lora, parse_lora
+from sgm.registry import build_dit, resolve_arch
+
+ROOT = Path(__file__).resolve().parents[1]
+D, FFN, R = 128, 512, 4  # kaleido-tiny's width and FFN; the rank of the fabricated LoRAs
+
+
+def factors(seed: int, out: int, inp: int = D, rank: int = R) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rank, inp, generator=g) * 0.1, torch.randn(out, rank, generator=g) * 0.1  # down, up
+
+
+# layout -> {file key stem: (our parameter, rows, out, in, alpha or None)}, written by hand from the
+# layouts' naming (Wan self_attn.q/k/v = rows 0/1/2 of query_key_value, cross_attn.k/v = rows 0/1 of
+# key_value; diffusers attn1 = self-attention, attn2 = cross-attention, ffn.net.0.proj / net.2).
+LAYOUTS = {
+    "wan": (
+        ".lora_down.weight",
+        ".lora_up.weight",
+        {
+            "diffusion_model.blocks.1.self_attn.q": (
+                "transformer.layers.1.attention.query_key_value.weight",
+                (0, D),
+                D,
+                D,
+                8.0,
+            ),
+            "diffusion_model.blocks.2.cross_attn.v": (
+                "transformer.layers.2.cross_attention.key_value.weight",
+                (D, 2 * D),
+                D,
+                D,
+                2.0,
+            ),
+            "diffusion_model.blocks.0.ffn.0": ("transformer.layers.0.mlp.dense_h_to_4h.weight", (0, FFN), FFN, D, None),
+        },
+    ),
+    "kohya": (
+        ".lora_down.weight",
+        ".lora_up.weight",
+        {
+            "lora_unet_blocks_0_self_attn_v": (
+                "transformer.layers.0.attention.query_key_value.weight",
+                (2 * D, 3 * D),
+                D,
+                D,
+                4.0,
+            ),
+            "lora_unet_blocks_3_cross_attn_o": ("transformer.layers.3.cross_attention.dense.weight", (0, D), D, D, 1.0),
+        },
+    ),
+    "diffusers": (
+        ".lora_A.weight",
+        ".lora_B.weight",
+        {
+            "transformer.blocks.1.attn1.to_k": (
+                "transformer.layers.1.attention.query_key_value.weight",
+                (D, 2 * D),
+                D,
+                D,
+                None,
+            ),
+            "transformer.blocks.2.attn2.to_q": (
+                "transformer.layers.2.cross_attention.query.weight",
+                (0, D),
+                D,
+                D,
+                None,
+            ),
+            "transformer.blocks.0.ffn.net.2": ("transformer.layers.0.mlp.dense_4h_to_h.weight", (0, D), D, FFN, None),
+        },
+    ),
+    "ours": (
+        ".lora_A.weight",
+        ".lora_B.weight",
+        {
+            "transformer.layers.2.attention.query_key_value": (
+                "transformer.layers.2.attention.query_key_value.weight",
+                (0, 3 * D),
+                3 * D,
+                D,
+                None,
+            ),
+        },
+    ),
+}
+
+
+def fabricate(layout: str) -> tuple[dict[str, torch.Tensor], list[tuple[str, tuple[int, int], torch.Tensor]]]:
+    """A LoRA state dict of ``layout`` and the expected (parameter, rows, delta) by hand."""
+    down_suffix, up_suffix, modules = LAYOUTS[layout]
+    state, expected = {}, []
+    for n, (stem, (target, rows, out, inp, alpha)) in enumerate(modules.items()):
+        down, up = factors(n + 10 * len(layout), out, inp)
+        state[stem + down_suffix], state[stem + up_suffix] = down, up
+        if alpha is not None:
+            state[stem + ".alpha"] = torch.tensor(alpha)
+        expected.append((target, rows, (alpha or R) / R * (up @ down)))
+    return state, expected
+
+
+@pytest.fixture()
+def dit():
+    torch.manual_seed(0)
+    return build_dit("kaleido-tiny")
+
+
+def params(model):
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_each_layout_merges_like_the_hand_written_reference_and_unmerges_exactly(dit, layout):
+    state, expected = fabricate(layout)
+    original = {k: v.clone() for k, v in dit.state_dict().items()}
+    reference = {k: v.clone() for k, v in original.items()}
+    for target, (start, end), delta in expected:
+        reference[target][start:end] += 0.5 * delta
+    applied = apply_loras(dit, parse_lora(state, params(dit), 4, scale=0.5), "merge")
+    merged = dit.state_dict()
+    for key in original:
+        torch.testing.assert_close(merged[key], reference[key], rtol=0, atol=1e-6, msg=key)
+    changed = {target for target, _, _ in expected}
+    assert {k for k in original if not torch.equal(merged[k], original[k])} == changed
+    applied.remove()
+    assert all(torch.equal(dit.state_dict()[k], original[k]) for k in original)
+
+
+def test_full_differences_for_biases_and_bare_parameters(dit):
+    bias, k_bias, norm = torch.randn(D), torch.randn(D), torch.randn(D)
+    offsets = torch.randn(1, 6, D)
+    state = {
+        "diffusion_model.blocks.3.self_attn.o.diff_b": bias,
+        "diffusion_model.blocks.2.self_attn.k.diff_b": k_bias,  # rows D:2D of the fused QKV bias
+        "diffusion_model.blocks.1.cross_attn.norm_k.diff": norm,
+        "diffusion_model.blocks.1.cross_attn.norm_k.alpha": torch.tensor(3.0),  # ignored for differences
+        "diffusion_model.blocks.0.modulation.diff": offsets,
+    }
+    expected = {k: v.clone() for k, v in dit.state_dict().items()}
+    expected["transformer.layers.3.attention.dense.bias"] += bias
+    expected["transformer.layers.2.attention.query_key_value.bias"][D : 2 * D] += k_bias
+    expected["mixins.adaln_layer.cross_key_layernorm_list.1.weight"] += norm
+    expected["mixins.adaln_layer.adaLN_modulations.0"] += offsets
+    apply_loras(dit, parse_lora(state, params(dit), 4), "merge")
+    for key, value in expected.items():
+        torch.testing.assert_close(dit.state_dict()[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_adapters_equal_the_merge_switch_off_and_remove_exactly(dit):
+    state, _ = fabricate("wan")
+    deltas = parse_lora(state, params(dit), 4)
+    g = torch.Generator().manual_seed(3)
+    x, t, ctx = torch.randn(1, 2, 16, 8, 8, generator=g), torch.tensor([400.0]), torch.randn(1, 5, 64, generator=g)
+    subjects = torch.randn(1, 1, 16, 8, 8, generator=g)
+    with torch.no_grad():
+        base = dit(x, t, ctx, subjects)
+        merged = apply_loras(dit, deltas, "merge")
+        with_merge = dit(x, t, ctx, subjects)
+        merged.remove()
+        adapters = apply_loras(dit, deltas, "adapter")
+        with_adapters = dit(x, t, ctx, subjects)
+        adapters.set_scale(0.0)
+        switched_off = dit(x, t, ctx, subjects)
+        adapters.remove()
+        after = dit(x, t, ctx, subjects)
+    assert (with_merge - base).abs().max() > 1e-3  # the LoRA changes the output
+    torch.testing.assert_close(with_adapters, with_merge, rtol=1e-5, atol=1e-5)
+    assert torch.equal(switched_off, base) and torch.equal(after, base)
+    assert "parametrizations" not in " ".join(dit.state_dict())
+
+
+def test_keys_that_map_to_nothing_are_listed(dit):
+    state, _ = fabricate("wan")
+    state["diffusion_model.blocks.0.self_attn.zz.lora_down.weight"] = torch.zeros(R, D)
+    state["diffusion_model.blocks.0.self_attn.zz.lora_up.weight"] = torch.zeros(D, R)
+    state["text_encoder.layer.0.lora_A.weight"] = torch.zeros(R, D)
+    state["stray_tensor"] = torch.zeros(1)
+    with pytest.raises(ValueError, match="4 key\\(s\\) map to no parameter") as info:
+        parse_lora(state, params(dit), 4, source="bad.safetensors")
+    for key in ("self_attn.zz.lora_down.weight", "text_encoder.layer.0.lora_A.weight", "stray_tensor"):
+        assert key in str(info.value)
+    down, up = factors(0, D)
+    with pytest.raises(ValueError, match="does not fit rows"):
+        stem = "lora_unet_blocks_0_ffn_0"  # ffn.0 has 512 rows, the up factor 128
+        parse_lora({f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up}, params(dit), 4)
+
+
+def test_four_step_preset_is_the_published_distillation_schedule():
+    """lightx2v's step-distilled Wan2.1: timesteps 1000, 750, 500, 250, shift 5, no CFG: the shifted
+    sigmas shift·t/(1 + (shift − 1)·t) at t = 1, 0.75, 0.5, 0.25, then 0, by Euler steps."""
+    preset = yaml.safe_load((ROOT / "configs/sampling/distill_4step.yaml").read_text())
+    assert (preset["num_steps"], preset["shift"], preset["guidance_scale"]) == (4, 5.0, 1.0)
+    by_hand = [5 * t / (1 + 4 * t) for t in (1.0, 0.75, 0.5, 0.25)] + [0.0]
+    assert shifted_schedule(4, 5.0).tolist() == pytest.approx(by_hand, abs=1e-6)
+
+
+def test_sampling_with_loras_and_one_evaluation_per_step_at_guidance_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    dit = build_dit(resolve_arch("kaleido-tiny", {"num_layers": 2}), device="meta")
+    wan, _ = fabricate("wan")
+    wan = {k: v for k, v in wan.items() if ".blocks.1." in k or ".blocks.0." in k}
+    save_file(wan, str(tmp_path / "wan.safetensors"))
+    kohya, _ = fabricate("kohya")
+    save_file({k: v for k, v in kohya.items() if "blocks_0" in k}, str(tmp_path / "kohya.safetensors"))
+    assert load_lora(tmp_path / "wan.safetensors", dit)  # the files fit the 2-layer model
+    base = ["--config", "configs/model/kaleido_tiny.yaml", "configs/sampling/tiny.yaml", "model.arch.num_layers=2"]
+    base += ["num_steps=3", "only_save_latents=true", "--prompt", "a ball", "--ref", "assets/examples/red_ball.png"]
+    loras = {
+        "lora": [
+            {"path": str(tmp_path / "wan.safetensors"), "scale": 2.0},
+            {"path": str(tmp_path / "kohya.safetensors")},
+        ]
+    }
+    (tmp_path / "lora.yaml").write_text(yaml.safe_dump(loras))
+    runs = {}
+    for name, extra in {
+        "plain": [],
+        "merge": [str(tmp_path / "lora.yaml")],
+        "adapter": [str(tmp_path / "lora.yaml"), "lora_mode=adapter"],
+    }.items():
+        argv = [*base[:3], *extra[:1], *base[3:4], *extra[1:], f"output_dir={tmp_path / name}", *base[4:]]
+        assert sample_video.main(argv) == 0
+        item = next((tmp_path / name).iterdir())
+        runs[name] = load_file(str(item / "latents.safetensors"))["latents"]
+    assert (runs["merge"] - runs["plain"]).abs().max() > 1e-3
+    torch.testing.assert_close(runs["adapter"], runs["merge"], rtol=1e-4, atol=1e-4)
+    meta = json.loads((item / "meta.json").read_text())
+    assert "wan.safetensors" in meta["config"] and "lora_mode: adapter" in meta["config"]
+
+    from sat.config import load_config
+    from sgm.pipeline import KaleidoPipeline, SamplingConfig, Timings
+
+    config = load_config(SamplingConfig, base[1:3], ["model.arch.num_layers=2", "guidance_scale=1.0"])
+    pipe = KaleidoPipeline.from_config(config, device="cpu")
+    batches = []
+    forward = pipe.dit.forward
+    pipe.dit.forward = lambda x, *a, **k: batches.append(x.shape[0]) or forward(x, *a, **k)
+    timings = Timings()
+    pipe.generate_latents("a", steps=4, timings=timings)
+    assert timings.network_calls == 4 and batches == [1, 1, 1, 1]  # no unconditional half
+    with pytest.raises(SystemExit):
+        sample_video.main([*base[:4], "lora_mode=fused", f"output_dir={tmp_path / 'x'}", *base[4:]])
