@@ -35,10 +35,6 @@ from tqdm.auto import tqdm
 
 from sat.arguments import config_parser, parse_config
 from sat.config import to_yaml
-from sat.training import (
-    prune_checkpoints,
-    remove_recovery_scripts,
-)
 from sgm.checkpoint import write_atomic
 from sgm.data.video import BadDataError, VideoDataset, next_usable_batch
 from sgm.models.engine import training_loss
@@ -48,9 +44,10 @@ from sgm.training import (
     TrainingConfig,
     build_training,
     init_distributed,
+    lora_memory_table,
     memory_table,
     resume_position,
-    save_consolidated,
+    save_checkpoint,
     validate_training,
     write_training_card,
 )
@@ -62,11 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = config_parser(__doc__)
     parser.add_argument("--dry-run", action="store_true", help="build on the meta device, print sizes and memory")
     parser.add_argument("--world-size", type=int, nargs="+", default=[8, 16, 64], help="GPU counts for --dry-run")
+    parser.add_argument("--lora-world-size", type=int, nargs="+", default=[1, 2, 8], help="GPU counts, LoRA table")
     args, config = parse_config(parser, TrainingConfig, argv)
     try:
         components = resolve_components(config, planning=args.dry_run)
         if args.dry_run:
             print("\n".join(memory_table(config, components, args.world_size)))
+            if config.lora.rank > 0:
+                print("\n".join(lora_memory_table(config, components, args.lora_world_size)))
             return 0
         validate_training(config, components)
     except (FileNotFoundError, ValueError) as exc:
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     run = build_training(config, components, device, parallel)
     save_dir = Path(config.save)
     try:
-        iteration, data_epoch, data_chunk = resume_position(run.engine, save_dir)
+        iteration, data_epoch, data_chunk = resume_position(run, save_dir)
     except pickle.UnpicklingError as exc:
         log.error("%s: refusing to resume from a checkpoint that needs code to load (%s)", save_dir, exc)
         return 2
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if parallel.rank == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(save_dir / "config.yaml", to_yaml(config))
-        write_training_card(config, components, save_dir)
+        write_training_card(config, components, save_dir, lora=run.lora_modules)
 
     dataset = VideoDataset(
         config.data,
@@ -175,12 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         if (iteration + 1) % config.save_interval == 0 or iteration + 1 == config.train_iters:
             client = {"iteration": iteration + 1, "data_epoch": data_epoch, "data_chunk": data_chunk}
-            if config.zero_stage == 3:  # gather the partitioned weights into the file samplers read
-                save_consolidated(engine, save_dir / str(iteration + 1), parallel.rank)
-            engine.save_checkpoint(str(save_dir), tag=str(iteration + 1), client_state=client)  # 'latest' last
-            if parallel.rank == 0:
-                remove_recovery_scripts(save_dir)
-                prune_checkpoints(save_dir, config.keep_last)
+            save_checkpoint(run, config, save_dir, iteration + 1, client, parallel.rank)
     if parallel.rank == 0:
         log.info(
             "trained to iteration %d in %.1f s; %d bad samples skipped; checkpoints in %s",

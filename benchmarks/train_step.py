@@ -7,6 +7,8 @@ fresh processes and reports samples per second (median of the timed steps) and i
 resident memory (``VmHWM``, per process):
 
 - 1 process, ZeRO 2, without and with activation checkpointing;
+- 1 process, ZeRO 2, LoRA (rank ``--lora-rank`` on attention, cross-attention and MLP) against full
+  training;
 - 2 processes (gloo, 1 thread each), ZeRO 2 and ZeRO 3.
 
 Prints the ratios. Not a test: nothing is asserted.
@@ -48,12 +50,13 @@ def vm_hwm_mib() -> float:
     return float("nan")
 
 
-def child(zero_stage: int, checkpointing: bool, steps: int) -> dict:
+def child(zero_stage: int, checkpointing: bool, steps: int, lora_rank: int = 0) -> dict:
     import deepspeed
     import torch.distributed as dist
 
     from sat.training import deepspeed_config, parameter_groups, register_zero3_parameters
     from sgm.diffusion.loss import rf_loss
+    from sgm.lora import LoraTrainConfig, add_trainable_lora
     from sgm.registry import build_dit
 
     for key, value in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
@@ -63,6 +66,8 @@ def child(zero_stage: int, checkpointing: bool, steps: int) -> dict:
     world = dist.get_world_size()
     torch.manual_seed(0)
     dit = build_dit(ARCH, checkpoint_activations=checkpointing)
+    if lora_rank:
+        add_trainable_lora(dit, LoraTrainConfig(rank=lora_rank))
     if zero_stage == 3:
         register_zero3_parameters(dit, dit.external_parameter_reads())
     optimizer = torch.optim.AdamW(parameter_groups(dit, 1e-4), lr=1e-5, betas=(0.9, 0.95))
@@ -86,8 +91,9 @@ def child(zero_stage: int, checkpointing: bool, steps: int) -> dict:
     return result
 
 
-def run(processes: int, zero_stage: int, checkpointing: bool, steps: int) -> dict:
+def run(processes: int, zero_stage: int, checkpointing: bool, steps: int, lora_rank: int = 0) -> dict:
     args = [__file__, "--child", str(zero_stage), str(int(checkpointing)), "--steps", str(steps)]
+    args += ["--lora-rank", str(lora_rank)]
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     if processes == 1:
         cmd = [sys.executable, *args]
@@ -105,10 +111,11 @@ def run(processes: int, zero_stage: int, checkpointing: bool, steps: int) -> dic
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration (after one warm-up)")
+    parser.add_argument("--lora-rank", type=int, default=64, help="rank of the LoRA measurement (0: skip it)")
     parser.add_argument("--child", nargs=2, metavar=("ZERO", "CKPT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        result = child(int(args.child[0]), bool(int(args.child[1])), args.steps)
+        result = child(int(args.child[0]), bool(int(args.child[1])), args.steps, args.lora_rank)
         print("RESULT " + json.dumps(result), flush=True)
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -119,6 +126,16 @@ def main(argv=None) -> int:
     )
     plain = run(1, 2, False, args.steps)
     ckpt = run(1, 2, True, args.steps)
+    if args.lora_rank:
+        lora = run(1, 2, False, args.steps, args.lora_rank)
+        log.info(
+            "1 process, ZeRO 2, LoRA rank %d: %.3f samples/s, peak %.0f MiB (speed %.2fx, memory %.2fx of full)",
+            args.lora_rank,
+            lora["samples_per_s"],
+            lora["peak_mib"],
+            lora["samples_per_s"] / plain["samples_per_s"],
+            lora["peak_mib"] / plain["peak_mib"],
+        )
     log.info("1 process, ZeRO 2: %.3f samples/s, peak %.0f MiB", plain["samples_per_s"], plain["peak_mib"])
     log.info(
         "  + activation checkpointing: %.3f samples/s, peak %.0f MiB (speed %.2fx, memory %.2fx)",

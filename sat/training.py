@@ -61,7 +61,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]  # LoRA factors are all matrices: one group
 
 
 def deepspeed_config(
@@ -183,6 +184,44 @@ def estimate_memory(
         optimizer=optimizer,
         activations_checkpointed=num_layers * local * hidden * 2 + per_layer,
         activations_full=num_layers * per_layer,
+    )
+
+
+@dataclass(frozen=True)
+class LoraMemoryEstimate:
+    """Per-GPU bytes of a LoRA run: a frozen base, small trainable adapters."""
+
+    base: float
+    adapters: float  # bf16 copies used in forward and their gradients
+    optimizer: float  # fp32 master + Adam m, v of the adapters (ZeRO-partitioned)
+    weight_gradient: float  # one adapted weight's dense gradient, alive during its backward
+    activations_checkpointed: float
+
+
+def estimate_lora_memory(
+    parameters: int,
+    adapter_parameters: int,
+    largest_weight: int,
+    base_bytes: float,
+    num_layers: int,
+    hidden: int,
+    ffn: int,
+    tokens: int,
+    world_size: int,
+    sp_size: int,
+) -> LoraMemoryEstimate:
+    """Rough per-GPU memory of LoRA training: the whole base in ``base_bytes`` per parameter on every
+    GPU (ZeRO 1/2 do not partition weights), adapters in bf16 with bf16 gradients (4 B), their fp32
+    master and Adam moments (12 B) partitioned over ``world_size``, the float32 gradient of the
+    largest adapted weight (the delta is added in weight space, ``sgm.lora.TrainableLora``), and the
+    activations of ``estimate_memory`` with checkpointing."""
+    full = estimate_memory(parameters, num_layers, hidden, ffn, tokens, world_size, sp_size, 2)
+    return LoraMemoryEstimate(
+        base=base_bytes * parameters,
+        adapters=4 * adapter_parameters,
+        optimizer=12 * adapter_parameters / world_size,
+        weight_gradient=4 * largest_weight,
+        activations_checkpointed=full.activations_checkpointed,
     )
 
 

@@ -6,7 +6,7 @@ Accepted layouts (``parse_lora`` tells them apart by their keys):
 
 | layout | example key |
 |---|---|
-| ours (Kaleido SAT names) | ``transformer.layers.0.attention.query_key_value.lora_A.weight`` |
+| ours (Kaleido SAT names, engine prefix optional) | ``transformer.layers.0.attention.query_key_value.lora_A.weight`` |
 | Wan / ComfyUI | ``diffusion_model.blocks.0.self_attn.q.lora_down.weight`` (or ``lora_A``/``lora_B``), ``....alpha`` |
 | kohya | ``lora_unet_blocks_0_self_attn_q.lora_down.weight`` |
 | diffusers | ``transformer.blocks.0.attn1.to_q.lora_A.weight`` |
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from sgm.checkpoint import read_state_dict
+from sgm.checkpoint import ENGINE_PREFIX, read_state_dict
 from sgm.convert.diffusers_wan import DIFFUSERS
 from sgm.convert.wan_official import WAN_OFFICIAL
 
@@ -131,7 +131,7 @@ def parse_lora(
     modules: dict[str, dict[str, torch.Tensor]] = {}
     unknown, problems = [], []
     for key, tensor in state_dict.items():
-        split = _split_module(key)
+        split = _split_module(key[len(ENGINE_PREFIX) :] if key.startswith(ENGINE_PREFIX) else key)
         if split is None:
             unknown.append(key)
             continue
@@ -281,3 +281,95 @@ def apply_loras(model: nn.Module, deltas: Sequence[LoraDelta], mode: str = "merg
 def lora_targets(deltas: Sequence[LoraDelta]) -> list[str]:
     """The parameter keys a list of deltas changes, sorted (for reports)."""
     return sorted(_by_target(deltas))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training adapters
+
+# Target groups -> the linear layers of every transformer layer they adapt (Wan's self_attn q/k/v/o,
+# cross_attn q/k/v/o and ffn.0/2: what community LoRAs adapt).
+LORA_TARGET_GROUPS = {
+    "attention": ("attention.query_key_value", "attention.dense"),
+    "cross_attention": ("cross_attention.query", "cross_attention.key_value", "cross_attention.dense"),
+    "mlp": ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+}
+LORA_FILE = "lora.safetensors"
+LORA_INFO_FILE = "lora.json"
+
+
+@dataclass
+class LoraTrainConfig:
+    """The ``lora:`` section of a training config; ``rank: 0`` is full fine-tuning."""
+
+    rank: int = 0
+    alpha: float | None = None  # None: alpha = rank (scale 1)
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGET_GROUPS))
+    # Rank dropout (kohya's rank_dropout): each step drops rank channels of B·A. Input dropout
+    # (PEFT's lora_dropout) cannot be written as a change of the weight, and the DiT reads weights.
+    dropout: float = 0.0
+
+
+class TrainableLora(nn.Module):
+    """Parametrization ``W -> W + (alpha/r)·B·A`` with trainable float32 factors.
+
+    Why not peft: peft wraps ``nn.Linear.forward``, but the DiT reads several weights directly
+    (the fused QKV and KV projections split by rows, the output projections' bias added after the
+    matmul, the MLP's ``addmm``), so a wrapped forward would never run; a parametrization changes
+    every read of the weight. ``B`` starts at zero: training starts from the base model.
+    """
+
+    def __init__(self, out_features: int, in_features: int, rank: int, alpha: float, dropout: float, device=None):
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, dtype=torch.float32, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=torch.float32, device=device))
+        nn.init.kaiming_uniform_(self.lora_A, a=5**0.5)  # nn.Linear's (and peft's) init of A
+        self.rank, self.alpha, self.dropout = rank, alpha, dropout
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        down = self.lora_A
+        if self.training and self.dropout > 0:
+            keep = torch.rand(self.rank, 1, device=down.device) >= self.dropout
+            down = down * keep / (1 - self.dropout)
+        delta = (self.alpha / self.rank) * (self.lora_B @ down)  # [out, in] float32
+        return weight + delta.to(weight.dtype)
+
+
+def lora_modules(model: nn.Module, targets: Sequence[str]) -> list[str]:
+    """Names of the linear layers ``targets`` (group names of ``LORA_TARGET_GROUPS``) adapt."""
+    unknown = sorted(set(targets) - set(LORA_TARGET_GROUPS))
+    if unknown or not targets:
+        raise ValueError(f"lora.targets: expected some of {sorted(LORA_TARGET_GROUPS)}, got {list(targets)}")
+    suffixes = tuple("." + s for group in targets for s in LORA_TARGET_GROUPS[group])
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name.endswith(suffixes)]
+
+
+def add_trainable_lora(model: nn.Module, config: LoraTrainConfig) -> list[str]:
+    """Freeze ``model`` and give each target linear layer a trainable LoRA; returns their names."""
+    if config.rank < 1:
+        raise ValueError(f"lora.rank: expected at least 1 for LoRA training, got {config.rank}")
+    if not 0 <= config.dropout < 1:
+        raise ValueError(f"lora.dropout: expected 0 <= dropout < 1, got {config.dropout}")
+    names = lora_modules(model, config.targets)
+    model.requires_grad_(False)
+    alpha = float(config.alpha if config.alpha is not None else config.rank)
+    for name in names:
+        linear = model.get_submodule(name)
+        adapter = TrainableLora(
+            linear.out_features, linear.in_features, config.rank, alpha, config.dropout, device=linear.weight.device
+        )
+        parametrize.register_parametrization(linear, "weight", adapter)
+    return names
+
+
+def trainable_lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trained adapters in our layout (``<module>.lora_A.weight``, ``.lora_B.weight``, ``.alpha``),
+    which ``load_lora`` reads back: the file a LoRA run ships."""
+    out = {}
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module, "weight"):
+            for adapter in module.parametrizations.weight:
+                if isinstance(adapter, TrainableLora):
+                    out[f"{name}.lora_A.weight"] = adapter.lora_A.detach().float().cpu().contiguous()
+                    out[f"{name}.lora_B.weight"] = adapter.lora_B.detach().float().cpu().contiguous()
+                    out[f"{name}.alpha"] = torch.tensor(adapter.alpha)
+    return out

@@ -19,6 +19,7 @@ counts, reference counts and sequence-parallel layouts before any weight loads.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -43,7 +44,7 @@ from sgm.data.references import RELEASE_MAX_REFERENCES, fit_reference, image_to_
 from sgm.diffusion.sampling import cfg_denoiser, sample
 from sgm.diffusion.schedules import SAMPLING_SHIFT, shifted_schedule
 from sgm.geometry import VideoGeometry
-from sgm.lora import AppliedLoras, LoraConfig, apply_loras, load_lora
+from sgm.lora import LORA_FILE, LORA_INFO_FILE, AppliedLoras, LoraConfig, apply_loras, load_lora
 from sgm.models.wan_vae import VAEConfig, WanVAE, build_vae, default_vae_config, read_vae_strides, vae_strides
 from sgm.modules.attention import attention_heads
 from sgm.modules.dit import DiTConfig, KaleidoDiT
@@ -125,6 +126,8 @@ def resolve_components(config: ComponentsConfig, *, planning: bool = False) -> C
     ``model.name``/``model.arch`` in the YAML that contradicts the card is an error. ``planning``
     (memory plans, dry runs: no weights needed) assumes the Wan2.1 VAE when the file is absent.
     """
+    if config.load:
+        check_not_a_lora_run(config.load)
     found = find_model_card(config.load) if config.load else None
     card, folder = found if found else (None, None)
     if config.load and card is None and config.model.name is None:
@@ -150,6 +153,19 @@ def resolve_components(config: ComponentsConfig, *, planning: bool = False) -> C
     max_length = card.get("text_max_length") if card else None
     geometry = VideoGeometry(temporal, spatial, arch.patch_size)
     return Components(name, arch, model_dtype(config.model, card), geometry, vae_path, text_path, max_length)
+
+
+def check_not_a_lora_run(load: str) -> None:
+    """A LoRA run's folders hold adapters, not a DiT: say how to sample it instead."""
+    path = Path(load)
+    folder = path if path.is_dir() else path.parent
+    for candidate in (folder, folder.parent):
+        if (candidate / LORA_INFO_FILE).is_file():
+            base = json.loads((candidate / LORA_INFO_FILE).read_text()).get("base", {}).get("weights")
+            raise ValueError(
+                f"load: {load} is a LoRA run (adapters only): sample its base model with "
+                f"load={base} lora=[{{path: {candidate}/<iteration>/{LORA_FILE}}}]"
+            )
 
 
 def check_sequence_parallel(

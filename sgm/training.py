@@ -9,12 +9,14 @@ sampling, and every checkpoint folder gets a model card (``kaleido_model.json``)
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -24,15 +26,26 @@ from sat.training import (
     OptimizerConfig,
     ScheduleConfig,
     deepspeed_config,
+    estimate_lora_memory,
     estimate_memory,
     gib,
     lr_factor,
     parameter_groups,
+    prune_checkpoints,
     register_zero3_parameters,
+    remove_recovery_scripts,
     use_weights_only_loading,
 )
-from sgm.checkpoint import LATEST_FILE, SAT_MODEL_FILE, write_model_card, write_sat_checkpoint
+from sgm.checkpoint import LATEST_FILE, SAT_MODEL_FILE, write_atomic, write_model_card, write_sat_checkpoint
 from sgm.data.video import DataConfig, VideoDataset
+from sgm.lora import (
+    LORA_FILE,
+    LORA_INFO_FILE,
+    LoraTrainConfig,
+    add_trainable_lora,
+    lora_modules,
+    trainable_lora_state_dict,
+)
 from sgm.models.wan_vae import WanVAE, build_vae, frame_multiple
 from sgm.modules.encoders.conditioner import TextConditioner
 from sgm.modules.encoders.text import build_text_encoder
@@ -45,6 +58,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrainingConfig(ComponentsConfig):
     data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraTrainConfig = field(default_factory=LoraTrainConfig)  # rank > 0: train adapters on a frozen base
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train_iters: int = 5000  # optimizer steps
@@ -62,6 +76,14 @@ class TrainingConfig(ComponentsConfig):
 def validate_training(config: TrainingConfig, components: Components) -> None:
     """Everything checkable before a process group starts or a weight loads: the sequence-parallel
     layout at the data's size, and a dataset root with videos at a frame count the VAE encodes."""
+    if config.lora.rank > 0 and config.zero_stage == 3:
+        raise ValueError(
+            "lora.rank: LoRA training runs with zero_stage 1 or 2 (the adapters are small; ZeRO-3 is not needed)"
+        )
+    if config.lora.rank > 0 and not config.load:
+        raise ValueError("lora.rank: LoRA training needs base weights to adapt (load=...)")
+    if config.lora.rank > 0:
+        lora_modules(build_dit(components.arch, device="meta"), config.lora.targets)  # valid targets
     check_sequence_parallel(
         components.geometry,
         components.arch,
@@ -100,6 +122,7 @@ class TrainingRun:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     vae: WanVAE
     conditioner: TextConditioner
+    lora_modules: list[str] = field(default_factory=list)  # adapted layers of a LoRA run (else empty)
 
 
 def build_training(
@@ -111,6 +134,7 @@ def build_training(
     import deepspeed
 
     dit = load_dit(components, config.load, device, checkpoint_activations=config.model.checkpoint_activations)
+    adapted = add_trainable_lora(dit, config.lora) if config.lora.rank > 0 else []
     enable_sequence_parallel(dit, parallel)
     if config.zero_stage == 3:
         register_zero3_parameters(dit, dit.external_parameter_reads())
@@ -142,18 +166,41 @@ def build_training(
         dist_init_required=False,
     )
     use_weights_only_loading(engine)
-    return TrainingRun(engine, scheduler, vae, conditioner)
+    if adapted:
+        trainable = sum(p.numel() for p in dit.parameters() if p.requires_grad)
+        log.info("LoRA rank %d on %d layers: %s trainable parameters", config.lora.rank, len(adapted), f"{trainable:,}")
+    return TrainingRun(engine, scheduler, vae, conditioner, adapted)
 
 
-def resume_position(engine, save_dir: Path) -> tuple[int, int, int]:
+def resume_position(run: TrainingRun, save_dir: Path) -> tuple[int, int, int]:
     """``(iteration, data epoch, data chunk)`` to start from: resumed from ``save_dir/latest`` when it
     exists (weights, optimizer, schedule; ``pickle.UnpicklingError`` for a file that needs code),
-    else the start."""
+    else the start. A LoRA run's checkpoints hold the adapters only: the base comes from ``load``."""
     if not (save_dir / LATEST_FILE).is_file():
         return 0, 0, 0
-    _, client = engine.load_checkpoint(str(save_dir), load_module_strict=True)
+    _, client = run.engine.load_checkpoint(str(save_dir), load_module_strict=not run.lora_modules)
     log.info("resumed from %s at iteration %d", save_dir, client["iteration"])
     return client["iteration"], client["data_epoch"], client["data_chunk"] + 1
+
+
+def save_checkpoint(run: TrainingRun, config: TrainingConfig, save_dir: Path, iteration: int, client: dict, rank: int):
+    """One checkpoint: ``<save>/<iteration>/`` with DeepSpeed's states (adapters only for a LoRA run,
+    plus ``lora.safetensors`` in our LoRA layout for ``sample_video.py lora=[...]``; the whole DiT
+    consolidated for ZeRO-3), ``latest`` moved last by DeepSpeed; then old checkpoints pruned."""
+    folder = save_dir / str(iteration)
+    if run.lora_modules and rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{LORA_FILE}.tmp{os.getpid()}"
+        safetensors.torch.save_file(trainable_lora_state_dict(run.engine.module.model.diffusion_model), str(tmp))
+        os.replace(tmp, folder / LORA_FILE)
+    if config.zero_stage == 3:  # gather the partitioned weights into the file samplers read
+        save_consolidated(run.engine, folder, rank)
+    run.engine.save_checkpoint(
+        str(save_dir), tag=str(iteration), client_state=client, exclude_frozen_parameters=bool(run.lora_modules)
+    )
+    if rank == 0:
+        remove_recovery_scripts(save_dir)
+        prune_checkpoints(save_dir, config.keep_last)
 
 
 class DiffusionEngine(nn.Module):
@@ -180,8 +227,23 @@ def training_card(config: TrainingConfig, components: Components, save_dir: Path
     )
 
 
-def write_training_card(config: TrainingConfig, components: Components, save_dir: Path) -> Path:
-    return write_model_card(save_dir, training_card(config, components, save_dir))
+def write_training_card(config: TrainingConfig, components: Components, save_dir: Path, lora: list[str]) -> Path:
+    """The run's card: ``kaleido_model.json`` for a full run; ``lora.json`` for a LoRA run (rank, alpha,
+    targets, adapted layers and the base model's card and weights), whose folders hold no whole DiT."""
+    card = training_card(config, components, save_dir)
+    if not lora:
+        return write_model_card(save_dir, card)
+    info = {
+        "format": "kaleido-lora/1",
+        "rank": config.lora.rank,
+        "alpha": float(config.lora.alpha if config.lora.alpha is not None else config.lora.rank),
+        "targets": list(config.lora.targets),
+        "modules": lora,
+        "base": {**card, "weights": config.load},
+        "file": f"<iteration>/{LORA_FILE}",
+    }
+    write_atomic(save_dir / LORA_INFO_FILE, json.dumps(info, indent=2) + "\n")
+    return save_dir / LORA_INFO_FILE
 
 
 def save_consolidated(engine, folder: Path, rank: int) -> None:
@@ -193,6 +255,46 @@ def save_consolidated(engine, folder: Path, rank: int) -> None:
         write_sat_checkpoint(folder.parent, state, iteration=folder.name, move_latest=False)
         (folder / tmp_name).unlink()
     dist.barrier()
+
+
+def lora_memory_table(config: TrainingConfig, components: Components, world_sizes: list[int]) -> list[str]:
+    """The ``--dry-run`` report of a LoRA run: per-GPU memory with a bf16 or fp8 base."""
+    arch = components.arch
+    model = build_dit(arch, device="meta")
+    params = count_parameters(model)
+    adapted = add_trainable_lora(model, config.lora)
+    adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    largest = max(model.get_submodule(name).in_features * model.get_submodule(name).out_features for name in adapted)
+    frames = components.geometry.latent_frames(config.data.num_frames)
+    tokens = components.geometry.tokens(
+        height=config.data.height, width=config.data.width, latent_frames=frames, references=config.data.max_references
+    )
+    lines = [
+        f"LoRA rank {config.lora.rank} on {', '.join(config.lora.targets)} ({len(adapted)} layers): "
+        f"{adapters:,} trainable of {params:,} parameters ({100 * adapters / params:.2f} %)",
+        "| GPUs | base | base GiB | adapters + grads | optimizer | weight gradient | activations (ckpt) | total GiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for world in world_sizes:
+        for base_name, base_bytes in (("bf16", 2), ("fp8", 1)):
+            m = estimate_lora_memory(
+                params,
+                adapters,
+                largest,
+                base_bytes,
+                arch.num_layers,
+                arch.hidden_size,
+                arch.inner_hidden_size,
+                tokens * config.micro_batch_size,
+                world,
+                config.sequence_parallel_size,
+            )
+            total = m.base + m.adapters + m.optimizer + m.weight_gradient + m.activations_checkpointed
+            lines.append(
+                f"| {world} | {base_name} | {gib(m.base)} | {gib(m.adapters)} | {gib(m.optimizer)} | "
+                f"{gib(m.weight_gradient)} | {gib(m.activations_checkpointed)} | {gib(total)} |"
+            )
+    return lines
 
 
 def memory_table(config: TrainingConfig, components: Components, world_sizes: list[int]) -> list[str]:
