@@ -307,6 +307,9 @@ class LoraTrainConfig:
     # Rank dropout (kohya's rank_dropout): each step drops rank channels of B·A. Input dropout
     # (PEFT's lora_dropout) cannot be written as a change of the weight, and the DiT reads weights.
     dropout: float = 0.0
+    # Storage of the adapted layers' frozen weights: "model" (the model dtype, e.g. bf16) or "fp8"
+    # (float8 e4m3 scaled per output channel, dequantised to the model dtype when read: half of bf16).
+    base_storage: str = "model"
 
 
 class TrainableLora(nn.Module):
@@ -318,14 +321,29 @@ class TrainableLora(nn.Module):
     every read of the weight. ``B`` starts at zero: training starts from the base model.
     """
 
-    def __init__(self, out_features: int, in_features: int, rank: int, alpha: float, dropout: float, device=None):
+    def __init__(
+        self,
+        out_features: int,
+        in_features: int,
+        rank: int,
+        alpha: float,
+        dropout: float,
+        device=None,
+        base_scale: torch.Tensor | None = None,
+        compute_dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, dtype=torch.float32, device=device))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=torch.float32, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=5**0.5)  # nn.Linear's (and peft's) init of A
         self.rank, self.alpha, self.dropout = rank, alpha, dropout
+        # fp8 base: the per-row scales of the stored weight and the dtype it is dequantised to
+        self.register_buffer("base_scale", base_scale, persistent=False)
+        self.compute_dtype = compute_dtype
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.base_scale is not None:
+            weight = (weight.float() * self.base_scale).to(self.compute_dtype)
         down = self.lora_A
         if self.training and self.dropout > 0:
             keep = torch.rand(self.rank, 1, device=down.device) >= self.dropout
@@ -349,16 +367,54 @@ def add_trainable_lora(model: nn.Module, config: LoraTrainConfig) -> list[str]:
         raise ValueError(f"lora.rank: expected at least 1 for LoRA training, got {config.rank}")
     if not 0 <= config.dropout < 1:
         raise ValueError(f"lora.dropout: expected 0 <= dropout < 1, got {config.dropout}")
+    if config.base_storage not in ("model", "fp8"):
+        raise ValueError(f"lora.base_storage: expected model or fp8, got '{config.base_storage}'")
     names = lora_modules(model, config.targets)
     model.requires_grad_(False)
     alpha = float(config.alpha if config.alpha is not None else config.rank)
     for name in names:
         linear = model.get_submodule(name)
+        scale, compute_dtype = None, linear.weight.dtype
+        if config.base_storage == "fp8":
+            stored, scale = quantize_fp8_rows(linear.weight.detach())
+            linear.weight = nn.Parameter(stored, requires_grad=False)
         adapter = TrainableLora(
-            linear.out_features, linear.in_features, config.rank, alpha, config.dropout, device=linear.weight.device
+            linear.out_features,
+            linear.in_features,
+            config.rank,
+            alpha,
+            config.dropout,
+            device=linear.weight.device,
+            base_scale=scale,
+            compute_dtype=compute_dtype,
         )
-        parametrize.register_parametrization(linear, "weight", adapter)
+        parametrize.register_parametrization(linear, "weight", adapter, unsafe=True)
     return names
+
+
+FP8 = torch.float8_e4m3fn
+
+
+def quantize_fp8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, scale)`` with ``q = fp8(weight / scale)`` and ``scale`` = the row's largest magnitude over
+    fp8 e4m3's largest value (448), so every row uses the format's whole range (float32 scales)."""
+    scale = weight.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / torch.finfo(FP8).max
+    return (weight.float() / scale).to(FP8), scale
+
+
+def restore_fp8_storage(model: nn.Module) -> int:
+    """Cast fp8-stored LoRA bases back to fp8 after something (DeepSpeed's bf16 setup casts every
+    floating parameter) widened them; lossless, the values came from fp8. Returns the count."""
+    count = 0
+    for module in model.modules():
+        if parametrize.is_parametrized(module, "weight"):
+            adapters = [a for a in module.parametrizations.weight if isinstance(a, TrainableLora)]
+            if adapters and adapters[0].base_scale is not None:
+                original = module.parametrizations.weight.original
+                if original.dtype != FP8:
+                    original.data = original.data.to(FP8)
+                    count += 1
+    return count
 
 
 def trainable_lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -44,6 +44,7 @@ from sgm.lora import (
     LoraTrainConfig,
     add_trainable_lora,
     lora_modules,
+    restore_fp8_storage,
     trainable_lora_state_dict,
 )
 from sgm.models.wan_vae import WanVAE, build_vae, frame_multiple
@@ -166,6 +167,7 @@ def build_training(
         dist_init_required=False,
     )
     use_weights_only_loading(engine)
+    restore_fp8_storage(dit)
     if adapted:
         trainable = sum(p.numel() for p in dit.parameters() if p.requires_grad)
         log.info("LoRA rank %d on %d layers: %s trainable parameters", config.lora.rank, len(adapted), f"{trainable:,}")

@@ -376,3 +376,44 @@ def test_lora_training_settings_are_checked_first(tmp_path):
         argv = [sys.executable, *LORA_TRAIN, f"data.root={tmp_path}", extra]
         result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 2 and message in result.stderr, result.stderr[-500:]
+
+
+def test_fp8_base_storage_is_scaled_per_row_and_survives_a_cast(dit):
+    from torch.nn.utils import parametrize
+
+    from sgm.lora import FP8, LoraTrainConfig, add_trainable_lora, restore_fp8_storage
+
+    reference = build_dit("kaleido-tiny", init=False)
+    reference.load_state_dict(dit.state_dict())
+    add_trainable_lora(dit, LoraTrainConfig(rank=4, base_storage="fp8"))
+    qkv = dit.transformer.layers[0].attention.query_key_value
+    stored = qkv.parametrizations.weight.original
+    assert stored.dtype == FP8 and stored.element_size() == 1
+    original = reference.transformer.layers[0].attention.query_key_value.weight
+    with torch.no_grad():
+        error = ((qkv.weight - original).norm() / original.norm()).item()  # B = 0: the dequantised base
+        rows = (qkv.weight - original).abs().amax(dim=1) / original.abs().amax(dim=1)
+    assert 0 < error < 0.05 and rows.max() <= 2**-4  # e4m3: 3 mantissa bits, each row at full range
+    g = torch.Generator().manual_seed(2)
+    x, t, ctx = torch.randn(1, 2, 16, 8, 8, generator=g), torch.tensor([600.0]), torch.randn(1, 5, 64, generator=g)
+    with torch.no_grad():
+        ours, theirs = dit(x, t, ctx), reference(x, t, ctx)
+    assert (ours - theirs).norm() / theirs.norm() < 0.02
+    before = stored.detach().float().clone()
+    dit.float()  # what DeepSpeed's precision setup does to every floating parameter
+    assert qkv.parametrizations.weight.original.dtype == torch.float32
+    assert restore_fp8_storage(dit) == 4 * 7
+    assert qkv.parametrizations.weight.original.dtype == FP8
+    assert torch.equal(qkv.parametrizations.weight.original.float(), before)  # lossless round trip
+    assert parametrize.is_parametrized(qkv, "weight")
+
+
+@pytest.mark.slow
+def test_lora_training_on_an_fp8_base_follows_the_full_precision_base(tmp_path):
+    from tools.make_toy_videos import make_video_dataset
+
+    data = make_video_dataset(tmp_path / "data", count=2)
+    train(f"data.root={data}", f"save={tmp_path / 'fp8'}", "train_iters=2", "lora.base_storage=fp8")
+    train(f"data.root={data}", f"save={tmp_path / 'full'}", "train_iters=2")
+    fp8, full = losses(tmp_path / "fp8"), losses(tmp_path / "full")
+    assert all(abs(a - b) < 0.02 * b for a, b in zip(fp8, full, strict=True)) and fp8 != full
