@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if parallel.rank == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(save_dir / "config.yaml", to_yaml(config))
-        write_training_card(config, components, save_dir, lora=run.lora_modules)
+        write_training_card(config, components, run)
 
     dataset = VideoDataset(
         config.data,

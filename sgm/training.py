@@ -124,6 +124,7 @@ class TrainingRun:
     vae: WanVAE
     conditioner: TextConditioner
     lora_modules: list[str] = field(default_factory=list)  # adapted layers of a LoRA run (else empty)
+    lora_info: dict = field(default_factory=dict)  # lora.json of a LoRA run
 
 
 def build_training(
@@ -171,7 +172,8 @@ def build_training(
     if adapted:
         trainable = sum(p.numel() for p in dit.parameters() if p.requires_grad)
         log.info("LoRA rank %d on %d layers: %s trainable parameters", config.lora.rank, len(adapted), f"{trainable:,}")
-    return TrainingRun(engine, scheduler, vae, conditioner, adapted)
+    info = lora_info(config, components, adapted) if adapted else {}
+    return TrainingRun(engine, scheduler, vae, conditioner, adapted, info)
 
 
 def resume_position(run: TrainingRun, save_dir: Path) -> tuple[int, int, int]:
@@ -195,6 +197,7 @@ def save_checkpoint(run: TrainingRun, config: TrainingConfig, save_dir: Path, it
         tmp = folder / f".{LORA_FILE}.tmp{os.getpid()}"
         safetensors.torch.save_file(trainable_lora_state_dict(run.engine.module.model.diffusion_model), str(tmp))
         os.replace(tmp, folder / LORA_FILE)
+        write_atomic(folder / LORA_INFO_FILE, json.dumps(run.lora_info, indent=2) + "\n")  # self-contained
     if config.zero_stage == 3:  # gather the partitioned weights into the file samplers read
         save_consolidated(run.engine, folder, rank)
     run.engine.save_checkpoint(
@@ -229,22 +232,28 @@ def training_card(config: TrainingConfig, components: Components, save_dir: Path
     )
 
 
-def write_training_card(config: TrainingConfig, components: Components, save_dir: Path, lora: list[str]) -> Path:
-    """The run's card: ``kaleido_model.json`` for a full run; ``lora.json`` for a LoRA run (rank, alpha,
-    targets, adapted layers and the base model's card and weights), whose folders hold no whole DiT."""
-    card = training_card(config, components, save_dir)
-    if not lora:
-        return write_model_card(save_dir, card)
-    info = {
+def lora_info(config: TrainingConfig, components: Components, modules: list[str]) -> dict:
+    """``lora.json`` of a LoRA run: rank, alpha, targets, adapted layers, and the base model's card
+    and weights (its paths relative to the save folder, like the model card's)."""
+    return {
         "format": "kaleido-lora/1",
         "rank": config.lora.rank,
         "alpha": float(config.lora.alpha if config.lora.alpha is not None else config.lora.rank),
         "targets": list(config.lora.targets),
-        "modules": lora,
-        "base": {**card, "weights": config.load},
+        "base_storage": config.lora.base_storage,
+        "modules": modules,
+        "base": {**training_card(config, components, Path(config.save)), "weights": config.load},
         "file": f"<iteration>/{LORA_FILE}",
     }
-    write_atomic(save_dir / LORA_INFO_FILE, json.dumps(info, indent=2) + "\n")
+
+
+def write_training_card(config: TrainingConfig, components: Components, run: TrainingRun) -> Path:
+    """The run's card: ``kaleido_model.json`` for a full run; ``lora.json`` for a LoRA run, whose
+    folders hold no whole DiT (``sample_video.py`` then says how to sample it)."""
+    save_dir = Path(config.save)
+    if not run.lora_info:
+        return write_model_card(save_dir, training_card(config, components, save_dir))
+    write_atomic(save_dir / LORA_INFO_FILE, json.dumps(run.lora_info, indent=2) + "\n")
     return save_dir / LORA_INFO_FILE
 
 
@@ -266,7 +275,8 @@ def lora_memory_table(config: TrainingConfig, components: Components, world_size
     params = count_parameters(model)
     adapted = add_trainable_lora(model, config.lora)
     adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    largest = max(model.get_submodule(name).in_features * model.get_submodule(name).out_features for name in adapted)
+    sizes = [model.get_submodule(name).in_features * model.get_submodule(name).out_features for name in adapted]
+    largest, adapted_weights = max(sizes), sum(sizes)
     frames = components.geometry.latent_frames(config.data.num_frames)
     tokens = components.geometry.tokens(
         height=config.data.height, width=config.data.width, latent_frames=frames, references=config.data.max_references
@@ -277,8 +287,9 @@ def lora_memory_table(config: TrainingConfig, components: Components, world_size
         "| GPUs | base | base GiB | adapters + grads | optimizer | weight gradient | activations (ckpt) | total GiB |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    fp8_bytes = (adapted_weights + 2 * (params - adapted_weights)) / params  # adapted weights 1 B, the rest 2 B
     for world in world_sizes:
-        for base_name, base_bytes in (("bf16", 2), ("fp8", 1)):
+        for base_name, base_bytes in (("bf16", 2.0), ("fp8", fp8_bytes)):
             m = estimate_lora_memory(
                 params,
                 adapters,

@@ -343,6 +343,7 @@ def test_lora_training_learns_resumes_exactly_and_changes_the_demo_model(tmp_pat
     assert module and all("lora_" in key for key in module)  # adapters only, not the frozen base
     lora_file = tmp_path / "whole" / "24" / "lora.safetensors"
     assert len(load_file(str(lora_file))) == 3 * 28
+    assert json.loads((lora_file.parent / "lora.json").read_text()) == info  # each checkpoint is self-contained
 
     train(f"data.root={data}", f"save={tmp_path / 'split'}", "train_iters=12", "save_interval=12")
     train(f"data.root={data}", f"save={tmp_path / 'split'}", "train_iters=24", "save_interval=12")
