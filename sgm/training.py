@@ -268,6 +268,17 @@ def save_consolidated(engine, folder: Path, rank: int) -> None:
     dist.barrier()
 
 
+def sample_tokens(config: TrainingConfig, components: Components) -> int:
+    """DiT tokens of one training sample: its latent frames plus the most references."""
+    geometry = components.geometry
+    return geometry.tokens(
+        height=config.data.height,
+        width=config.data.width,
+        latent_frames=geometry.latent_frames(config.data.num_frames),
+        references=config.data.max_references,
+    )
+
+
 def lora_memory_table(config: TrainingConfig, components: Components, world_sizes: list[int]) -> list[str]:
     """The ``--dry-run`` report of a LoRA run: per-GPU memory with a bf16 or fp8 base."""
     arch = components.arch
@@ -277,10 +288,7 @@ def lora_memory_table(config: TrainingConfig, components: Components, world_size
     adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     sizes = [model.get_submodule(name).in_features * model.get_submodule(name).out_features for name in adapted]
     largest, adapted_weights = max(sizes), sum(sizes)
-    frames = components.geometry.latent_frames(config.data.num_frames)
-    tokens = components.geometry.tokens(
-        height=config.data.height, width=config.data.width, latent_frames=frames, references=config.data.max_references
-    )
+    tokens = sample_tokens(config, components)
     lines = [
         f"LoRA rank {config.lora.rank} on {', '.join(config.lora.targets)} ({len(adapted)} layers): "
         f"{adapters:,} trainable of {params:,} parameters ({100 * adapters / params:.2f} %)",
@@ -314,11 +322,7 @@ def memory_table(config: TrainingConfig, components: Components, world_sizes: li
     """The ``--dry-run`` report: parameters, tokens per sample, per-GPU memory by ZeRO stage."""
     arch = components.arch
     params = count_parameters(build_dit(arch, device="meta"))
-    geometry = components.geometry
-    frames = geometry.latent_frames(config.data.num_frames)
-    tokens = geometry.tokens(
-        height=config.data.height, width=config.data.width, latent_frames=frames, references=config.data.max_references
-    )
+    tokens = sample_tokens(config, components)
     lines = [
         f"{components.name}: {params:,} parameters, {arch.num_layers} layers x {arch.hidden_size}",
         f"sample: {config.data.height}x{config.data.width}, {config.data.num_frames} frames + "

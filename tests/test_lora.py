@@ -418,3 +418,17 @@ def test_lora_training_on_an_fp8_base_follows_the_full_precision_base(tmp_path):
     train(f"data.root={data}", f"save={tmp_path / 'full'}", "train_iters=2")
     fp8, full = losses(tmp_path / "fp8"), losses(tmp_path / "full")
     assert all(abs(a - b) < 0.02 * b for a, b in zip(fp8, full, strict=True)) and fp8 != full
+
+
+def test_dry_run_prints_the_lora_memory_of_the_14b():
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "train_video_concat.py", "--config", "configs/model/kaleido_14b.yaml"]
+    argv += ["configs/training/kaleido_14b_concat.yaml", "--dry-run", "lora.rank=64", "lora.targets=[attention,mlp]"]
+    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    D14, F14 = 5120, 13824  # per layer r·((D + 3D) + (D + D) + (D + F) + (F + D)) for attention and MLP
+    assert f"{40 * 64 * (8 * D14 + 2 * F14):,} trainable of 14,288,491,584 parameters" in result.stdout
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("| 1 | bf16", "| 8 | fp8"))]
+    assert len(rows) == 2 and rows[0].split("|")[3].strip() == "26.6"  # the bf16 base: 2 B x 14.3 B parameters
