@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -39,7 +40,7 @@ from sat.arguments import config_parser, parse_config
 from sat.config import to_yaml
 from sat.parallel import init_parallel
 from sgm.data.contact_sheet import contact_sheet
-from sgm.data.references import ReferenceError, load_reference, video_to_uint8
+from sgm.data.references import ReferenceError, load_reference, split_selector, video_to_uint8
 from sgm.pipeline import KaleidoPipeline, SamplingConfig, Timings, resolve_components, validate_sampling
 from sgm.registry import resolve_device
 
@@ -108,6 +109,65 @@ def slug(text: str) -> str:
     return text[:SLUG_LENGTH] or "item"
 
 
+def file_identity(path: str | Path) -> list:
+    """What identifies weights without reading them (hashing tens of GB on every run is too slow):
+    every file under ``path`` with its size and modification time."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.exists()]
+
+
+def content_digest(path: str) -> str:
+    """sha256 of a reference's file (``clip.mp4#12`` hashes the clip and keeps the selector)."""
+    file, _, _ = split_selector(path)
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return f"{digest.hexdigest()}{path[len(file) :]}"
+
+
+def item_fingerprint(item: Item, seed: int, config: SamplingConfig, weights: list) -> str:
+    """A digest of everything that makes an item's outputs: prompt, reference contents, seed, the
+    resolved config (less where outputs go and where items come from) and the weights' identity."""
+    settings = dataclasses.asdict(config)
+    for key in ("output_dir", "input_file"):
+        settings.pop(key)
+    record = {
+        "prompt": item.prompt,
+        "references": [content_digest(r) for r in item.references],
+        "seed": seed,
+        "config": settings,
+        "weights": weights,
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def finished_fingerprint(target: Path) -> str | None:
+    try:
+        return json.loads((target / "meta.json").read_text(encoding="utf-8")).get("fingerprint")
+    except (OSError, ValueError):
+        return None
+
+
+def remove_stale_temporaries(out_dir: Path) -> int:
+    """Delete temporary item folders (``.<name>.tmp<pid>``) left by killed runs; a live process's stay."""
+    removed = 0
+    for path in out_dir.glob(".*.tmp*"):
+        pid = path.name.rpartition(".tmp")[2]
+        if not pid.isdigit() or not path.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # still running (another data-parallel group of this run, or another run)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+        except PermissionError:
+            continue
+    return removed
+
+
 def write_item(
     target: Path,
     item: Item,
@@ -143,7 +203,11 @@ def write_item(
             image.save(tmp / f"subject_{k}.png")
         (tmp / "text.txt").write_text(item.line + "\n", encoding="utf-8")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        old = target.parent / f".{target.name}.old{os.getpid()}"
+        if target.exists():  # an earlier output of other inputs: moved aside, then removed
+            os.replace(target, old)
         os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -177,26 +241,34 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(config.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     resolved = to_yaml(config)
+    if parallel.is_sp_leader and (cleaned := remove_stale_temporaries(out_dir)):
+        log.info("removed %d temporary folder(s) left by killed runs in %s", cleaned, out_dir)
+    weights = [file_identity(p) for p in (config.load, components.vae_path, components.text_encoder_path) if p]
+    weights += [file_identity(entry.path) for entry in config.lora]
     mine = [item for item in items if item.index % parallel.dp_size == parallel.dp_rank]
     done = skipped = failed = 0
     start = time.perf_counter()
     for item in tqdm(mine, desc="videos", disable=not parallel.is_sp_leader):
         target = out_dir / f"{item.index}_{slug(item.prompt or item.line)}"
-        if (target / "meta.json").is_file():
-            skipped += 1
-            continue
+        seed = item.seed if item.seed is not None else config.seed + item.index
         try:
             if item.error:
                 raise ValueError(item.error)
             if len(item.references) > config.max_references:
                 raise ValueError(f"{len(item.references)} references, max_references is {config.max_references}")
-            images = [load_reference(r) for r in item.references]
-        except (ValueError, ReferenceError) as exc:
+            images = [load_reference(r) for r in item.references]  # reports a bad reference in its words
+            fingerprint = item_fingerprint(item, seed, config, weights)
+            if (target / "meta.json").is_file():
+                if finished_fingerprint(target) == fingerprint:
+                    skipped += 1  # the same inputs made this output
+                    continue
+                if parallel.is_sp_leader:
+                    log.info("item %d: its inputs changed since %s was written: regenerating", item.index, target)
+        except (ValueError, ReferenceError, OSError) as exc:
             failed += 1
             if parallel.is_sp_leader:
                 log.error("item %d (line %d): %s", item.index, item.index + 1, exc)
             continue
-        seed = item.seed if item.seed is not None else config.seed + item.index
         timings = Timings()
         t0 = time.perf_counter()
         latents = pipeline.generate_latents(
@@ -227,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                     "total_s": round(time.perf_counter() - t0, 4),
                 },
                 "config": resolved,
+                "fingerprint": fingerprint,
             }
             write_item(
                 target,

@@ -93,8 +93,49 @@ def test_same_seed_same_latents_and_rerun_skips(tmp_path, refs, caplog):
     a = load_file(next((tmp_path / "a").iterdir()) / "latents.safetensors")["latents"]
     b = load_file(next((tmp_path / "b").iterdir()) / "latents.safetensors")["latents"]
     assert a.shape == (1, 3, 16, 8, 12) and torch.equal(a, b)
-    assert run(tmp_path / "a", "only_save_latents=true", "seed=7", prompt="a cube", ref=[str(refs / "photo.jpg")]) == 0
-    assert "0 done, 1 skipped" in caplog.text
+    assert run(tmp_path / "a", "only_save_latents=true", prompt="a cube", ref=[str(refs / "photo.jpg")]) == 0
+    assert "0 done, 1 skipped" in caplog.text  # the same inputs: nothing to do
+
+
+def test_a_rerun_skips_only_what_the_same_inputs_made(tmp_path, refs, caplog):
+    """The skip is a proof: a changed seed, reference content, setting or output kind regenerates."""
+    ref = tmp_path / "ref.png"
+    Image.new("RGB", (20, 20), (200, 10, 10)).save(ref)
+    out = tmp_path / "out"
+
+    def latents_after(*extra):
+        caplog.clear()
+        assert run(out, "only_save_latents=true", *extra, prompt="a cube", ref=[str(ref)]) == 0
+        return load_file(next(out.iterdir()) / "latents.safetensors")["latents"]
+
+    first = latents_after()
+    assert torch.equal(latents_after(), first) and "0 done, 1 skipped" in caplog.text
+    reseeded = latents_after("seed=7")
+    assert "inputs changed" in caplog.text and "1 done, 0 skipped" in caplog.text and not torch.equal(reseeded, first)
+    Image.new("RGB", (20, 20), (10, 10, 200)).save(ref)  # same path, other content
+    recoloured = latents_after("seed=7")
+    assert "1 done" in caplog.text and not torch.equal(recoloured, reseeded)
+    latents_after("seed=7", "guidance_scale=3.0")
+    assert "1 done" in caplog.text
+    caplog.clear()
+    assert run(out, "seed=7", "guidance_scale=3.0", prompt="a cube", ref=[str(ref)]) == 0  # now the mp4
+    item = next(out.iterdir())
+    assert "1 done" in caplog.text and (item / "output.mp4").is_file() and not (item / "latents.safetensors").exists()
+    assert [p.name for p in out.iterdir()] == [item.name]  # nothing left aside
+
+
+def test_temporary_folders_of_killed_runs_are_removed(tmp_path, refs):
+    import subprocess
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs
+    out = tmp_path / "out"
+    (out / f".0_a_cube.tmp{dead.pid}").mkdir(parents=True)
+    (out / f".0_a_cube.tmp{dead.pid}" / "meta.json").write_text("{}")
+    alive = out / f".1_other.tmp{os.getpid()}"  # this process is running: not touched
+    alive.mkdir()
+    assert run(out, "only_save_latents=true", prompt="a cube", ref=[str(refs / "photo.jpg")]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(["0_a_cube", alive.name])
 
 
 def test_txt_and_jsonl_inputs_with_every_reference_kind(tmp_path, refs):
