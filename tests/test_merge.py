@@ -230,3 +230,21 @@ def test_converter_cli_round_trip_and_diffusers_export_runs(tmp_path, source):
         text=True,
     )  # default --model kaleido-14b: shapes differ
     assert bad.returncode == 1 and "do not match kaleido-14b" in bad.stderr
+
+
+def test_a_finished_merge_is_only_kept_for_the_same_download_and_format(tmp_path, source, caplog):
+    first = make_download(tmp_path / "first", source, "safetensors_index")
+    out = tmp_path / "merged"
+    assert merge(first, out) == 0
+    caplog.clear()
+    assert merge(first, out) == 0 and "nothing to do" in caplog.text
+    changed = {k: v + 1 for k, v in source.items()}  # another download of the same architecture
+    second = make_download(tmp_path / "second", changed, "safetensors_index")
+    caplog.clear()
+    assert merge(second, out) == 0 and "merging again" in caplog.text
+    key = next(iter(source))[len(ENGINE_PREFIX) :]
+    assert torch.equal(read_dit_checkpoint(out / "model")[key], changed[ENGINE_PREFIX + key])
+    caplog.clear()
+    assert merge(second, out, "--format", "pt") == 0 and "merging again" in caplog.text  # safetensors -> pt
+    assert (out / "model" / "1" / "mp_rank_00_model_states.pt").is_file()
+    assert not list((out / "model" / "1").glob("*.safetensors"))

@@ -137,14 +137,30 @@ def validate(tensors: dict[str, TensorInfo], model: str) -> int:
     return sum(v.nbytes // v.dtype.itemsize for v in tensors.values())
 
 
-def finished(out: Path, model: str) -> bool:
+def download_identity(root: Path) -> list:
+    """Every file of the download with its size and modification time (reading tens of GB to prove
+    a rerun has nothing to do would cost what the merge costs)."""
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".merge-tmp"))
+    return [[str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def finished(out: Path, model: str, fmt: str, source: list) -> bool:
+    """Whether ``out`` holds a complete merge of this download, for this model, in this format;
+    a merge of other files or in the other format is said and done again."""
     info = out / "model" / INFO_FILE
     if not ((out / "model" / LATEST_FILE).is_file() and info.is_file()):
         return False
-    record = json.loads(info.read_text())
-    return record.get("model") == model and all(
-        (out / name).is_file() and (out / name).stat().st_size == size for name, size in record["files"].items()
+    try:
+        record = json.loads(info.read_text())
+    except ValueError:
+        return False
+    complete = all(
+        (out / name).is_file() and (out / name).stat().st_size == size for name, size in record.get("files", {}).items()
     )
+    same = (record.get("model"), record.get("format"), record.get("source")) == (model, fmt, source)
+    if complete and not same:
+        log.info("%s holds a merge of other files, another model or format: merging again", out)
+    return complete and same
 
 
 def write_dit(tensors: dict[str, TensorInfo], folder: Path, fmt: str) -> dict[str, int]:
@@ -199,8 +215,9 @@ def merge(
     ``ShardError`` naming the file when the download cannot be merged."""
     root = Path(checkpoint_dir)
     out = Path(output_dir) if output_dir else None
-    if out is not None and finished(out, model):
-        log.info("%s is already a finished merge for %s: nothing to do", out, model)
+    source = download_identity(root) if root.is_dir() else []
+    if out is not None and finished(out, model, fmt, source):
+        log.info("%s is already a finished merge of this download for %s (%s): nothing to do", out, model, fmt)
         return 0
     scratch_parent = out if out is not None else root
     scratch_parent.mkdir(parents=True, exist_ok=True)
@@ -240,7 +257,7 @@ def merge(
             for path in download.t5_files:
                 copy_file(path, staged / T5_FOLDER / path.name, link)
                 sizes[f"{T5_FOLDER}/{path.name}"] = path.stat().st_size
-        info = {"model": model, "parameters": params, "format": fmt, "files": sizes}
+        info = {"model": model, "parameters": params, "format": fmt, "files": sizes, "source": source}
         (staged / "model" / INFO_FILE).write_text(json.dumps(info, indent=1))
         card = architecture_card(
             model,
