@@ -46,6 +46,7 @@ from sgm.registry import resolve_device
 
 log = logging.getLogger("sample_video")
 SLUG_LENGTH = 120
+SLUG_BYTES = 180
 
 
 @dataclass
@@ -68,6 +69,18 @@ def parse_line(index: int, line: str, compat: bool) -> Item:
     return item
 
 
+MAX_SEED = 2**63 - 1  # torch.Generator seeds are 64-bit; JSON and YAML integers beyond are a mistake
+
+
+def check_seed(seed: object) -> int:
+    """An item's seed: an integer (not a bool, not a float) in [0, 2^63 - 1]."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed: expected an integer, got {json.dumps(seed)}")
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed: expected 0 to {MAX_SEED}, got {seed}")
+    return seed
+
+
 def parse_json_line(index: int, line: str) -> Item:
     item = Item(index, line.rstrip("\n"))
     try:
@@ -77,10 +90,15 @@ def parse_json_line(index: int, line: str) -> Item:
         unknown = set(record) - {"prompt", "references", "seed"}
         if unknown:
             raise ValueError(f"unknown key(s) {sorted(unknown)}")
-        item.prompt = str(record.get("prompt", "")).strip()
-        item.references = [str(r) for r in record.get("references", [])]
-        item.seed = None if record.get("seed") is None else int(record["seed"])
-    except (ValueError, TypeError) as exc:
+        prompt = record.get("prompt", "")
+        if not isinstance(prompt, str):
+            raise ValueError(f'"prompt": expected a string, got {json.dumps(prompt)}')
+        references = record.get("references", [])
+        if not isinstance(references, list) or not all(isinstance(r, str) for r in references):
+            raise ValueError(f'"references": expected a list of paths, got {json.dumps(references)}')
+        item.prompt, item.references = prompt.strip(), references
+        item.seed = None if record.get("seed") is None else check_seed(record["seed"])
+    except ValueError as exc:
         item.error = f"malformed JSONL line: {exc}"
         return item
     if not item.prompt:
@@ -88,7 +106,14 @@ def parse_json_line(index: int, line: str) -> Item:
     return item
 
 
+JSONL_SUFFIXES = (".jsonl", ".json")
+
+
 def read_items(config: SamplingConfig, prompt: str | None, refs: list[str]) -> list[Item]:
+    """The items of ``--prompt``/``--ref`` or of ``input_file`` (blank and ``#`` lines skipped; a
+    UTF-8 byte-order mark removed; item indices are line numbers minus one)."""
+    if prompt is None and refs:
+        raise ValueError("--ref needs --prompt (references of an input_file go on its lines)")
     if prompt is not None:
         return [Item(0, prompt, prompt=prompt, references=list(refs), error=None if prompt.strip() else "empty prompt")]
     if not config.input_file:
@@ -96,17 +121,25 @@ def read_items(config: SamplingConfig, prompt: str | None, refs: list[str]) -> l
     path = Path(config.input_file)
     if not path.is_file():
         raise ValueError(f"input_file: {path} not found")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    if path.suffix == ".jsonl":
-        return [parse_json_line(i, line) for i, line in enumerate(lines)]
-    return [parse_line(i, line, config.release_prompt_compat) for i, line in enumerate(lines)]
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"input_file: {path} is not UTF-8 text (byte {exc.start})") from None
+    lines = [
+        (i, line) for i, line in enumerate(text.splitlines()) if line.strip() and not line.lstrip().startswith("#")
+    ]
+    if path.suffix.lower() in JSONL_SUFFIXES:
+        return [parse_json_line(i, line) for i, line in lines]
+    return [parse_line(i, line, config.release_prompt_compat) for i, line in lines]
 
 
 def slug(text: str) -> str:
-    """A safe folder name part: no separators, no '..', at most 120 characters."""
+    """A safe folder name part: no separators, no '..', at most 120 characters and 180 UTF-8 bytes
+    (file systems limit names to 255 bytes; a character of another script takes up to 4)."""
     text = re.sub(r"[^\w\-,.]+", "_", text.split("@@")[0].strip())
-    text = re.sub(r"\.{2,}", ".", text).strip("._")
-    return text[:SLUG_LENGTH] or "item"
+    text = re.sub(r"\.{2,}", ".", text).strip("._")[:SLUG_LENGTH]
+    text = text.encode("utf-8")[:SLUG_BYTES].decode("utf-8", errors="ignore").strip("._")
+    return text or "item"
 
 
 def file_identity(path: str | Path) -> list:
@@ -250,10 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     for item in tqdm(mine, desc="videos", disable=not parallel.is_sp_leader):
         target = out_dir / f"{item.index}_{slug(item.prompt or item.line)}"
-        seed = item.seed if item.seed is not None else config.seed + item.index
         try:
             if item.error:
                 raise ValueError(item.error)
+            seed = check_seed(item.seed if item.seed is not None else config.seed + item.index)
             if len(item.references) > config.max_references:
                 raise ValueError(f"{len(item.references)} references, max_references is {config.max_references}")
             images = [load_reference(r) for r in item.references]  # reports a bad reference in its words

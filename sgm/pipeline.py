@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -155,6 +156,18 @@ def resolve_components(config: ComponentsConfig, *, planning: bool = False) -> C
     return Components(name, arch, model_dtype(config.model, card), geometry, vae_path, text_path, max_length)
 
 
+def check_device(name: str) -> None:
+    """``device``: auto, cpu, or a CUDA device that this machine has."""
+    try:
+        device = resolve_device(name)
+    except RuntimeError:
+        raise ValueError(f"device: expected auto, cpu or cuda[:N], got '{name}'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {name}, but this machine has no CUDA GPU (use cpu or auto)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected auto, cpu or cuda[:N], got '{name}'")
+
+
 def check_not_a_lora_run(load: str) -> None:
     """A LoRA run's folders hold adapters, not a DiT: say how to sample it instead."""
     path = Path(load)
@@ -223,6 +236,11 @@ def validate_sampling(config: SamplingConfig, components: Components) -> None:
         raise ValueError(f"sampling_fps: expected a positive frame rate, got {config.sampling_fps}")
     if config.num_steps < 1:
         raise ValueError(f"num_steps: expected at least 1, got {config.num_steps}")
+    if not math.isfinite(config.guidance_scale):
+        raise ValueError(f"guidance_scale: expected a finite number, got {config.guidance_scale}")
+    if not (math.isfinite(config.shift) and config.shift > 0):
+        raise ValueError(f"shift: expected a finite number above 0, got {config.shift}")
+    check_device(config.device)
     if config.max_references < 0:
         raise ValueError(f"max_references: expected 0 or more, got {config.max_references}")
     if config.max_references > RELEASE_MAX_REFERENCES:

@@ -50,7 +50,14 @@ from sgm.lora import (
 from sgm.models.wan_vae import WanVAE, build_vae, frame_multiple
 from sgm.modules.encoders.conditioner import TextConditioner
 from sgm.modules.encoders.text import build_text_encoder
-from sgm.pipeline import Components, ComponentsConfig, check_sequence_parallel, enable_sequence_parallel, load_dit
+from sgm.pipeline import (
+    Components,
+    ComponentsConfig,
+    check_device,
+    check_sequence_parallel,
+    enable_sequence_parallel,
+    load_dit,
+)
 from sgm.registry import architecture_card, build_dit, count_parameters, resolve_device
 
 log = logging.getLogger(__name__)
@@ -77,6 +84,11 @@ class TrainingConfig(ComponentsConfig):
 def validate_training(config: TrainingConfig, components: Components) -> None:
     """Everything checkable before a process group starts or a weight loads: the sequence-parallel
     layout at the data's size, and a dataset root with videos at a frame count the VAE encodes."""
+    for key in ("train_iters", "micro_batch_size", "gradient_accumulation", "save_interval", "log_interval"):
+        if getattr(config, key) < 1:
+            raise ValueError(f"{key}: expected at least 1, got {getattr(config, key)}")
+    check_device(config.device)
+    components.geometry.check_size(config.data.height, config.data.width, "data.height, data.width")
     if config.lora.rank > 0 and config.zero_stage == 3:
         raise ValueError(
             "lora.rank: LoRA training runs with zero_stage 1 or 2 (the adapters are small; ZeRO-3 is not needed)"

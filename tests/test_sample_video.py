@@ -160,21 +160,23 @@ def test_bad_inputs_are_reported_and_the_rest_goes_on(tmp_path, refs, caplog):
         f"missing@@{refs / 'nope.png'}",
         f"not an image@@{refs / 'not_an_image.png'}",
         f"past the end@@{refs / 'clip.mp4'}#99",
-        "",
+        f"@@{refs / 'rgba.png'}",
         f"too many@@{refs / 'rgba.png'}@@{refs / 'rgba.png'}@@{refs / 'rgba.png'}@@{refs / 'rgba.png'}",
+        "",  # blank and comment lines are skipped, not errors
+        "# a comment",
         "a good one",
     ]
     txt = tmp_path / "bad.txt"
     txt.write_text("\n".join(lines) + "\n")
     assert run(tmp_path / "out", f"input_file={txt}", "only_save_latents=true") == 1
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["5_a_good_one"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["7_a_good_one"]
     for expected in (
         "reference file not found",
         "not a readable image",
         "is past the end of the clip (4 frames)",
         "line 4): empty prompt",
         "4 references, max_references is 3",
-        "1 done, 0 skipped, 5 failed",
+        "1 done, 0 skipped, 5 failed",  # the blank and the comment line are not items
     ):
         assert expected in caplog.text
     jsonl = tmp_path / "bad.jsonl"
@@ -273,3 +275,61 @@ def test_release_prompt_compat_feeds_the_whole_line_to_t5(tmp_path, refs):
     assert json.loads((release / "meta.json").read_text())["prompt"] == line  # the @@path reaches T5 too
     a, b = (load_file(d / "latents.safetensors")["latents"] for d in (ours, release))
     assert not torch.equal(a, b)  # same seed and references: only the text differs
+
+
+def test_a_batch_of_mixed_lines_makes_every_good_item_and_reports_every_bad_one_once(tmp_path, refs, caplog):
+    good_ref = str(refs / "photo.jpg")
+    long_prompt = "一只红色的球" * 40  # 240 characters of 3 bytes: a folder name must stay under 255 bytes
+    records = [
+        ({"prompt": "a good one", "references": [good_ref]}, None),
+        ({"prompt": None}, '"prompt": expected a string'),
+        ({"prompt": 3}, '"prompt": expected a string'),
+        ({"prompt": ["x"]}, '"prompt": expected a string'),
+        ({"prompt": "refs as a string", "references": good_ref}, '"references": expected a list'),
+        ({"prompt": "refs as a dict", "references": {"a": 1}}, '"references": expected a list'),
+        ({"prompt": "nested refs", "references": [[good_ref]]}, '"references": expected a list'),
+        ({"prompt": "float seed", "seed": 1.5}, "seed: expected an integer"),
+        ({"prompt": "bool seed", "seed": True}, "seed: expected an integer"),
+        ({"prompt": "huge seed", "seed": 2**70}, "seed: expected 0 to"),
+        ({"prompt": "negative seed", "seed": -1}, "seed: expected 0 to"),
+        ({"prompt": long_prompt}, None),
+        ({"prompt": "another good one", "seed": 3}, None),
+    ]
+    lines = ["\ufeff# a comment line, then a blank one", ""] + [json.dumps(r, ensure_ascii=False) for r, _ in records]
+    path = tmp_path / "items.JSONL"  # any case of .jsonl / .json is JSON lines
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert run(tmp_path / "out", f"input_file={path}", "only_save_latents=true") == 1
+    made = {p.name.split("_", 1)[0] for p in (tmp_path / "out").iterdir()}
+    good = {str(i + 2) for i, (_, error) in enumerate(records) if error is None}
+    assert made == good  # indices are line numbers - 1: the comment and the blank line count
+    for i, (_, error) in enumerate(records):
+        if error is not None:
+            reported = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"item {i + 2} (")]
+            assert len(reported) == 1 and error in reported[0], (i, reported)
+    long_index = next(i for i, (r, _) in enumerate(records) if r.get("prompt") == long_prompt) + 2
+    long_folder = next(p for p in (tmp_path / "out").iterdir() if p.name.startswith(f"{long_index}_"))
+    assert len(long_folder.name.encode()) <= 255
+
+
+def test_inputs_and_values_that_are_refused_before_loading(tmp_path, refs, capsys):
+    cases = [
+        (["guidance_scale=nan"], "guidance_scale: expected a finite number"),
+        (["shift=inf"], "shift: expected a finite number above 0"),
+        (["shift=0"], "shift: expected a finite number above 0"),
+        (["model.arch.num_layers=0"], "num_layers must be at least 1"),
+        (["device=gpu"], "device: expected auto, cpu or cuda"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["device=cuda"], "no CUDA GPU"))
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as info:
+            run(tmp_path, *extra, prompt="x")
+        assert info.value.code == 2 and message in capsys.readouterr().err, extra
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("un café\n".encode("latin-1"))
+    with pytest.raises(SystemExit):
+        run(tmp_path, f"input_file={latin1}")
+    assert "latin1.txt is not UTF-8 text" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sample_video.main(BASE + FAST + [f"output_dir={tmp_path}", "--ref", str(refs / "photo.jpg")])
+    assert "--ref needs --prompt" in capsys.readouterr().err

@@ -312,3 +312,20 @@ def test_checkpoint_pruning_reports_a_folder_it_cannot_remove(tmp_path, monkeypa
     removed = prune_checkpoints(tmp_path, keep_last=1)
     assert [p.name for p in removed] == ["20"] and (tmp_path / "10").is_dir()
     assert "could not remove old checkpoint" in caplog.text and "10" in caplog.text
+
+
+def test_training_values_are_checked_before_anything_starts(dataset):
+    for extra, message in (
+        ("save_interval=0", "save_interval: expected at least 1"),
+        ("log_interval=0", "log_interval: expected at least 1"),
+        ("gradient_accumulation=0", "gradient_accumulation: expected at least 1"),
+        ("micro_batch_size=0", "micro_batch_size: expected at least 1"),
+        ("train_iters=-1", "train_iters: expected at least 1"),
+        ("data.height=60", "data.height, data.width: expected height a multiple of 16"),
+        ("device=gpu", "device: expected auto, cpu or cuda"),
+    ):
+        result = subprocess.run(
+            [sys.executable, *TRAIN, f"data.root={dataset}", extra], cwd=ROOT, capture_output=True, text=True
+        )
+        assert result.returncode == 2 and message in result.stderr, (extra, result.stderr[-500:])
+        assert "Traceback" not in result.stderr

@@ -80,6 +80,11 @@ class DiTConfig:
         if self.time_embed_dim is None:
             object.__setattr__(self, "time_embed_dim", self.hidden_size)
         problems = []
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "inner_hidden_size", "text_dim"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        if problems:
+            raise ValueError("invalid DiT architecture: " + "; ".join(problems))
         if self.hidden_size % self.num_attention_heads:
             problems.append(f"hidden_size {self.hidden_size} not divisible by num_attention_heads")
         elif self.head_dim % 2 or self.head_dim < 6:
