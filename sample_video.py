@@ -272,7 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     height, width = config.sampling_image_size
     num_frames = components.geometry.video_frames(config.sampling_num_frames)
     out_dir = Path(config.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        parser.exit(2, f"error: output_dir: cannot create {out_dir} ({exc.strerror or exc})\n")
     resolved = to_yaml(config)
     if parallel.is_sp_leader and (cleaned := remove_stale_temporaries(out_dir)):
         log.info("removed %d temporary folder(s) left by killed runs in %s", cleaned, out_dir)
@@ -334,17 +337,22 @@ def main(argv: list[str] | None = None) -> int:
                 "config": resolved,
                 "fingerprint": fingerprint,
             }
-            write_item(
-                target,
-                item,
-                images,
-                latents,
-                video,
-                config.sampling_fps,
-                meta,
-                config.only_save_latents,
-                config.contact_sheet,
-            )
+            try:
+                write_item(
+                    target,
+                    item,
+                    images,
+                    latents,
+                    video,
+                    config.sampling_fps,
+                    meta,
+                    config.only_save_latents,
+                    config.contact_sheet,
+                )
+            except OSError as exc:  # read-only or full disk: this item is lost, finished ones are kept
+                failed += 1
+                log.error("item %d: cannot write %s (%s)", item.index, target, exc.strerror or exc)
+                continue
         done += 1
     if parallel.is_sp_leader:
         log.info(

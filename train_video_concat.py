@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from sat.arguments import config_parser, parse_config
 from sat.config import to_yaml
-from sgm.checkpoint import write_atomic
+from sgm.checkpoint import refusal, write_atomic
 from sgm.data.video import BadDataError, VideoDataset, next_usable_batch
 from sgm.models.engine import training_loss
 from sgm.models.wan_vae import frame_multiple
@@ -79,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         iteration, data_epoch, data_chunk = resume_position(run, save_dir)
     except pickle.UnpicklingError as exc:
-        log.error("%s: refusing to resume from a checkpoint that needs code to load (%s)", save_dir, exc)
+        log.error("refusing to resume from %s: %s", save_dir, refusal("a checkpoint file", exc))
+        return 2
+    except (RuntimeError, EOFError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.error("cannot resume from %s: a checkpoint file is truncated or corrupt (%s)", save_dir, first)
         return 2
     engine, scheduler = run.engine, run.scheduler
     if parallel.rank == 0:
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         writer = csv.writer(handle)
         if new:
             writer.writerow(["iteration", "loss", "lr", "grad_norm", "samples_per_s", "skipped"])
-    skipped_total = 0
+    bad_samples: set[str] = set()  # distinct bad samples seen by this rank
     start_time = time.perf_counter()
     bar = tqdm(
         range(iteration, config.train_iters),
@@ -123,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         total=config.train_iters,
     )
     for iteration in bar:
-        losses, samples, skipped = [], 0, 0
+        losses, samples = [], 0
         step_start = time.perf_counter()
         for micro in range(config.gradient_accumulation):
             try:
@@ -131,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             except BadDataError as exc:
                 log.error("data.root: %s", exc)
                 return 2
-            skipped += bad
+            bad_samples.update(sample_id for sample_id, _ in bad)
             data_epoch, data_chunk = batch["epoch"], batch["chunk"]
             step = iteration * config.gradient_accumulation + micro
             loss = training_loss(
@@ -153,7 +157,6 @@ def main(argv: list[str] | None = None) -> int:
         if parallel.world_size > 1:
             dist.all_reduce(mean_loss)
             mean_loss /= parallel.world_size
-        skipped_total += skipped
         grad_norm = engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         lr = scheduler.get_last_lr()[0]
@@ -166,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{lr:.3e}",
                     f"{grad_norm:.4f}",
                     f"{rate:.3f}",
-                    skipped_total,
+                    len(bad_samples),
                 ]
             )
             handle.flush()
@@ -181,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             "trained to iteration %d in %.1f s; %d bad samples skipped; checkpoints in %s",
             config.train_iters,
             time.perf_counter() - start_time,
-            skipped_total,
+            len(bad_samples),
             save_dir,
         )
         handle.close()

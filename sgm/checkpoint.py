@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,20 +159,29 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint file not found")
     if path.suffix == ".safetensors":
-        return safetensors.torch.load_file(str(path))
+        return _read_safetensors(path)
     if path.name.endswith(".safetensors.index.json"):
-        weight_map = json.loads(path.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(path.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: not a safetensors index (a JSON object with a weight_map): {exc}") from None
         out: dict[str, torch.Tensor] = {}
         for shard in sorted(set(weight_map.values())):
-            out.update(safetensors.torch.load_file(str(path.parent / shard)))
+            out.update(_read_safetensors(path.parent / shard))
         return out
     with torch.serialization.safe_globals(_NUMPY_DATA_TYPES):
         try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            loaded = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+            try:
+                loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                loaded = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+        except pickle.UnpicklingError as exc:
+            raise PickledCodeError(refusal(path, exc)) from None
+        except (RuntimeError, EOFError, OSError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"{path}: not a readable checkpoint, truncated or corrupt ({first})") from None
     if isinstance(loaded, dict):
         for key in ("module", "state_dict"):
             if isinstance(loaded.get(key), dict):
@@ -179,6 +190,27 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise ValueError(f"{path}: expected a state dict of tensors")
     return loaded
+
+
+class PickledCodeError(ValueError):
+    """A checkpoint that needs code to load: refused, never executed."""
+
+
+def refusal(path: str | Path, exc: Exception) -> str:
+    """One line for a file the weights-only unpickler refused, naming what it wanted to run (and not
+    repeating torch's advice to load it with ``weights_only=False``)."""
+    wanted = re.search(r"(?:global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(exc))
+    what = f" ({wanted.group(1)})" if wanted else ""
+    return f"{path}: the file contains code{what} and was refused: only tensors and plain data are read"
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return safetensors.torch.load_file(str(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: checkpoint file not found") from None
+    except Exception as exc:  # safetensors raises its own SafetensorError for truncated or corrupt files
+        raise ValueError(f"{path}: not a readable safetensors file, truncated or corrupt ({exc})") from None
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:

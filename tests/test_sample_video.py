@@ -333,3 +333,44 @@ def test_inputs_and_values_that_are_refused_before_loading(tmp_path, refs, capsy
     with pytest.raises(SystemExit):
         sample_video.main(BASE + FAST + [f"output_dir={tmp_path}", "--ref", str(refs / "photo.jpg")])
     assert "--ref needs --prompt" in capsys.readouterr().err
+
+
+def test_reference_kinds_that_used_to_fail(tmp_path, refs):
+    colours = [(250, 0, 0), (0, 250, 0), (0, 0, 250)]
+    frames = [Image.new("RGB", (16, 16), c) for c in colours]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=200, loop=0)
+    Image.new("RGB", (16, 16), (250, 250, 0)).save(tmp_path / "still.gif")
+    assert load_reference(str(tmp_path / "anim.gif")).getpixel((8, 8))[0] > 200  # frame 0: red
+    assert load_reference(f"{tmp_path / 'anim.gif'}#2").getpixel((8, 8))[2] > 200  # frame 2: blue
+    assert load_reference(f"{tmp_path / 'anim.gif'}#0.3s").getpixel((8, 8))[1] > 200  # 200 ms frames: green
+    assert load_reference(str(tmp_path / "still.gif")).getpixel((8, 8)) == (250, 250, 0)
+    from sgm.data.references import ReferenceError as RefError
+
+    with pytest.raises(RefError, match="past the end of the GIF \\(3 frames\\)"):
+        load_reference(f"{tmp_path / 'anim.gif'}#5")
+    with pytest.raises(RefError, match="is a folder"):
+        load_reference(str(tmp_path))
+    Image.new("1", (9000, 9000)).save(tmp_path / "bomb.png")  # a small file that claims 81 MP
+    assert (tmp_path / "bomb.png").stat().st_size < 2_000_000
+    with pytest.raises(RefError, match="81,000,000 pixels, more than the 67,108,864"):
+        load_reference(str(tmp_path / "bomb.png"))
+
+
+def test_user_errors_are_one_line(tmp_path, refs, capsys):
+    from safetensors.torch import save_file
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    with pytest.raises(SystemExit) as info:
+        run(a_file / "out", prompt="x")
+    assert info.value.code == 2 and "output_dir: cannot create" in capsys.readouterr().err
+    weights = tmp_path / "dit.safetensors"
+    save_file({"x": torch.zeros(1000)}, str(weights))
+    weights.write_bytes(weights.read_bytes()[:500])  # truncated by a failed download
+    torch.save({"module": {"x": torch.zeros(1000)}}, tmp_path / "dit.pt")
+    (tmp_path / "dit.pt").write_bytes((tmp_path / "dit.pt").read_bytes()[:300])
+    for path in (weights, tmp_path / "dit.pt"):
+        with pytest.raises(SystemExit) as info:
+            run(tmp_path / "out", f"load={path}", "model.name=kaleido-tiny", prompt="x")
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and "truncated or corrupt" in err and "Traceback" not in err, err

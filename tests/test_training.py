@@ -278,14 +278,16 @@ def test_a_dataset_of_only_bad_samples_stops_with_one_error(tmp_path):
         video.write_bytes(b"not a video")
     config = DataConfig(root=str(broken), height=32, width=32, num_frames=5, fps=8)
     dataset = VideoDataset(config, frames_multiple=4)
-    with pytest.raises(BadDataError, match="no usable sample in 2 batch"):
+    with pytest.raises(
+        BadDataError, match="no usable sample in 2 batch.*first reasons: .*clip00.\\.mp4: cannot decode"
+    ):
         next_usable_batch(iter(dataset), len(dataset.chunks(0)))
     good = VideoDataset(
         DataConfig(root=str(make_video_dataset(tmp_path / "good", count=2)), height=32, width=32, num_frames=5, fps=8),
         frames_multiple=4,
     )
     batch, skipped = next_usable_batch(iter(good), 2)
-    assert batch["size"] == 1 and skipped == 0
+    assert batch["size"] == 1 and skipped == []
     result = subprocess.run(
         [sys.executable, *TRAIN, f"data.root={broken}", f"save={tmp_path / 'run'}", "train_iters=2"],
         cwd=ROOT,
@@ -293,7 +295,11 @@ def test_a_dataset_of_only_bad_samples_stops_with_one_error(tmp_path):
         text=True,
         timeout=300,
     )
-    assert result.returncode == 2 and "every sample is bad" in result.stderr
+    assert result.returncode == 2 and "every sample is bad" in result.stderr and "cannot decode" in result.stderr
+    assert "Traceback" not in result.stderr
+    for sample_id in ("clip000", "clip001"):  # warned once each, though every epoch meets them again
+        warnings = [line for line in result.stderr.splitlines() if "skipping sample" in line and sample_id in line]
+        assert len(warnings) == 1, warnings
 
 
 def test_checkpoint_pruning_reports_a_folder_it_cannot_remove(tmp_path, monkeypatch, caplog):

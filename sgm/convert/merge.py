@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -101,7 +102,7 @@ def collect_dit(download: Download) -> tuple[dict[str, TensorInfo], int]:
         raise MergeError(f"{download.root}: no DiT weight files (.safetensors, .bin, .pt, .pth) found")
     by_name = {download.relative(p): p for p in download.dit}
     for index in download.indexes:
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        weight_map = read_index(index)
         for shard in sorted(set(weight_map.values())):
             if not (index.parent / shard).is_file() and shard not in by_name:
                 raise MergeError(f"{index}: lists shard {shard}, which is not in the download")
@@ -122,7 +123,7 @@ def collect_dit(download: Download) -> tuple[dict[str, TensorInfo], int]:
                 raise MergeError(f"{path}: tensor {info.key} is {info.dtype}, the shards before it are {dtype}")
             tensors[key] = info
     for index in download.indexes:
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        weight_map = read_index(index)
         missing = sorted(k for k in weight_map if strip_name(k) is not None and strip_name(k) not in tensors)
         if missing:
             raise MergeError(f"{index}: {len(missing)} indexed tensor(s) are in no shard, e.g. {missing[:3]}")
@@ -135,6 +136,17 @@ def validate(tensors: dict[str, TensorInfo], model: str) -> int:
     except StateDictMismatchError as exc:
         raise MergeError(str(exc)) from None
     return sum(v.nbytes // v.dtype.itemsize for v in tensors.values())
+
+
+def read_index(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a ``*.index.json``, or ``MergeError`` naming the file."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+    except (ValueError, AttributeError, UnicodeDecodeError) as exc:
+        raise MergeError(f"{index}: not a valid index JSON (expected an object with a weight_map): {exc}") from None
+    if not isinstance(weight_map, dict):
+        raise MergeError(f"{index}: weight_map must map tensor names to shard files")
+    return weight_map
 
 
 def download_identity(root: Path) -> list:
@@ -219,10 +231,15 @@ def merge(
     if out is not None and finished(out, model, fmt, source):
         log.info("%s is already a finished merge of this download for %s (%s): nothing to do", out, model, fmt)
         return 0
-    scratch_parent = out if out is not None else root
-    scratch_parent.mkdir(parents=True, exist_ok=True)
-    scratch = scratch_parent / f".merge-tmp-{os.getpid()}"
-    scratch.mkdir()
+    if not root.is_dir():
+        raise MergeError(f"{root}: checkpoint_dir is not a folder")
+    created_out = out is not None and not out.exists()
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        scratch = out / f".merge-tmp-{os.getpid()}"  # beside the output: the rename into place stays cheap
+        scratch.mkdir()
+    else:  # --verify-only writes nothing into the download: joined parts go to the system's temp folder
+        scratch = Path(tempfile.mkdtemp(prefix="kaleido-verify-"))
     start = time.perf_counter()
     try:
         download = Download(root, scratch / "joined")
@@ -289,3 +306,5 @@ def merge(
         return 0
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        if created_out and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a failed merge leaves no empty output folder behind

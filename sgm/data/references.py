@@ -19,6 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 RELEASE_MAX_REFERENCES = 3  # the most references per sample the release was trained with
+MAX_REFERENCE_PIXELS = 8192 * 8192  # larger images are refused from their header (decompression bombs)
 VIDEO_SUFFIXES = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".gif"}
 WHITE = (255, 255, 255)
 _FRAME_SELECTOR = re.compile(r"^(?P<path>.+)#(?:(?P<frame>\d+)|(?P<seconds>\d+(?:\.\d+)?)s)$")
@@ -70,20 +71,53 @@ def _read_clip_frame(path: str, frame: int | None, seconds: float | None) -> Ima
     return Image.fromarray(reader[index].asnumpy())
 
 
+def _gif_frame(image: Image.Image, path: str, frame: int | None, seconds: float | None) -> None:
+    """Seek an (animated) GIF to the selected frame: an index, or the frame shown at ``seconds``."""
+    index = frame or 0
+    if seconds is not None:
+        elapsed, index = 0.0, 0
+        while True:
+            image.seek(index)
+            elapsed += image.info.get("duration", 100) / 1000
+            if elapsed > seconds:
+                break
+            index += 1
+    count = getattr(image, "n_frames", 1)
+    if index >= count:
+        where = f"{seconds} s (frame {index})" if seconds is not None else f"frame {index}"
+        raise ReferenceError(f"{path}: {where} is past the end of the GIF ({count} frames)")
+    image.seek(index)
+
+
 def load_reference(spec: str) -> Image.Image:
-    """Open a reference image or clip frame as 8-bit RGB; ``ReferenceError`` with the reason otherwise."""
+    """Open a reference image or clip frame as 8-bit RGB; ``ReferenceError`` with the reason otherwise.
+
+    Images larger than ``MAX_REFERENCE_PIXELS`` are refused from their header, before any pixel is
+    decoded (a small file can claim a huge image). GIFs, still or animated, are read by Pillow
+    (``anim.gif#3``, ``anim.gif#0.5s``).
+    """
     path, frame, seconds = split_selector(spec)
+    if Path(path).is_dir():
+        raise ReferenceError(f"{path}: is a folder; a reference is an image or a video clip")
     if not Path(path).is_file():
         raise ReferenceError(f"{path}: reference file not found")
-    if Path(path).suffix.lower() in VIDEO_SUFFIXES:
+    is_gif = Path(path).suffix.lower() == ".gif"
+    if Path(path).suffix.lower() in VIDEO_SUFFIXES and not is_gif:
         return _read_clip_frame(path, frame, seconds)
-    if frame is not None or seconds is not None:
+    if (frame is not None or seconds is not None) and not is_gif:
         raise ReferenceError(f"{spec}: a frame selector needs a video clip, not an image")
     try:
         with Image.open(path) as image:
+            if image.width * image.height > MAX_REFERENCE_PIXELS:
+                raise ReferenceError(
+                    f"{path}: {image.width}x{image.height} = {image.width * image.height:,} pixels, more than the "
+                    f"{MAX_REFERENCE_PIXELS:,} a reference may have (it is shrunk to the video size anyway)"
+                )
+            if is_gif:
+                _gif_frame(image, path, frame, seconds)
             image.load()
             return to_rgb(image)
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, EOFError) as exc:
         raise ReferenceError(f"{path}: not a readable image ({exc})") from None
 
 

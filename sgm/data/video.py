@@ -132,6 +132,7 @@ class VideoDataset(IterableDataset):
                 f"got {config.num_frames}"
             )
         self.frames_multiple = frames_multiple
+        self.warned: set[str] = set()  # bad samples already reported (per loader worker)
         self.config = config
         self.root = root
         self.batch_size = batch_size
@@ -227,7 +228,9 @@ class VideoDataset(IterableDataset):
                     try:
                         samples.append(self.load(sample_id))
                     except BadSampleError as exc:
-                        log.warning("skipping sample %s", exc)
+                        if sample_id not in self.warned:  # once per sample, not once per epoch
+                            self.warned.add(sample_id)
+                            log.warning("skipping sample %s", exc)
                         samples.append({"id": sample_id, "bad": str(exc)})
                 yield {**collate(samples), "epoch": epoch, "chunk": chunk}
             epoch, first = epoch + 1, 0
@@ -236,14 +239,18 @@ class VideoDataset(IterableDataset):
 def collate(samples: list[dict]) -> dict:
     """Stack the good samples; bad ones are only counted (``skipped``). ``size`` 0: nothing usable."""
     good = [s for s in samples if "bad" not in s]
-    batch = {"skipped": len(samples) - len(good), "size": len(good)}
+    bad = [(s["id"], s["bad"]) for s in samples if "bad" in s]
+    batch = {"skipped": len(bad), "bad": bad, "size": len(good)}
     if not good:
         return batch
     refs = "subject_latents" if "subject_latents" in good[0] else "subject_images"
     counts = {s[refs].shape[0] for s in good}
     if len(counts) > 1:  # a reference folder changed since the batches were formed
         keep = max(counts, key=lambda n: sum(s[refs].shape[0] == n for s in good))
-        batch["skipped"] += sum(s[refs].shape[0] != keep for s in good)
+        bad += [
+            (s["id"], f"{s[refs].shape[0]} references, the batch has {keep}") for s in good if s[refs].shape[0] != keep
+        ]
+        batch["skipped"] = len(bad)
         good = [s for s in good if s[refs].shape[0] == keep]
         batch["size"] = len(good)
     video = "latents" if refs == "subject_latents" else "mp4"
@@ -261,19 +268,21 @@ class BadDataError(RuntimeError):
     """Not one usable sample in a whole epoch: training cannot make progress."""
 
 
-def next_usable_batch(loader: Iterator[dict], batches_per_epoch: int) -> tuple[dict, int]:
-    """The next batch with at least one good sample, and how many bad samples were skipped on the way.
+def next_usable_batch(loader: Iterator[dict], batches_per_epoch: int) -> tuple[dict, list[tuple[str, str]]]:
+    """The next batch with at least one good sample, and the ``(id, reason)`` of every bad sample
+    skipped on the way (a sample bad in every epoch comes back each epoch: count distinct ids).
 
     After ``batches_per_epoch`` empty batches in a row every sample of an epoch has been tried
-    and was bad: ``BadDataError`` instead of looping for ever.
+    and was bad: ``BadDataError`` naming the first reasons, instead of looping for ever.
     """
-    skipped = 0
+    skipped: list[tuple[str, str]] = []
     for _ in range(max(1, batches_per_epoch)):
         batch = next(loader)
-        skipped += batch["skipped"]
+        skipped += batch["bad"]
         if batch["size"]:
             return batch, skipped
+    first = "; ".join(reason for _, reason in skipped[:3])
     raise BadDataError(
         f"no usable sample in {batches_per_epoch} batch(es) in a row, a whole epoch: every sample is bad "
-        "(the warnings above name each one and the reason)"
+        f"(first reasons: {first})"
     )
