@@ -44,10 +44,12 @@ from sgm.training import (
     TrainingConfig,
     build_training,
     init_distributed,
+    lock_save_dir,
     lora_memory_table,
     memory_table,
     resume_position,
     save_checkpoint,
+    truncate_log,
     validate_training,
     write_training_card,
 )
@@ -73,9 +75,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"error: {exc}\n")
 
     device, parallel = init_distributed(config)
+    save_dir = Path(config.save)
+    if parallel.rank == 0:
+        try:
+            lock = lock_save_dir(save_dir)  # noqa: F841 (held until the process ends)
+        except RuntimeError as exc:
+            log.error("%s", exc)
+            return 2
+    # Under torchrun, a launcher that died leaves this process to a new parent: stop, do not write on.
+    launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
     torch.manual_seed(config.seed)
     run = build_training(config, components, device, parallel)
-    save_dir = Path(config.save)
     try:
         iteration, data_epoch, data_chunk = resume_position(run, save_dir)
     except pickle.UnpicklingError as exc:
@@ -112,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     csv_file = save_dir / "train_log.csv"
     writer = None
     if parallel.rank == 0:
+        truncate_log(csv_file, iteration)  # rows past the checkpoint are written again
         new = not csv_file.exists()
         handle = open(csv_file, "a", newline="")  # noqa: SIM115 (closed at the end)
         writer = csv.writer(handle)
@@ -127,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         total=config.train_iters,
     )
     for iteration in bar:
+        if launcher is not None and os.getppid() != launcher:
+            log.error(
+                "the launcher (pid %d) is gone: stopping at iteration %d without writing more", launcher, iteration
+            )
+            return 3
         losses, samples = [], 0
         step_start = time.perf_counter()
         for micro in range(config.gradient_accumulation):

@@ -188,22 +188,71 @@ def build_training(
     return TrainingRun(engine, scheduler, vae, conditioner, adapted, info)
 
 
+COMPLETE_FILE = "complete.json"  # written in a checkpoint folder once every rank has finished it
+FAULT_ENV = "KALEIDO_TEST_KILL_AT"  # tests only: "<point>:<iteration>[:<rank>]" kills a rank mid-save
+
+
+def _fault(point: str, iteration: int, rank: int) -> None:
+    """Fault injection for the resume tests: die like a killed process at ``point`` of a save."""
+    spec = os.environ.get(FAULT_ENV, "").split(":")
+    if len(spec) >= 2 and spec[0] == point and int(spec[1]) == iteration and int((spec + ["0"])[2]) == rank:
+        os._exit(137)
+
+
+def complete_checkpoints(save_dir: Path) -> list[str]:
+    """Tags of the checkpoint folders every rank finished (``complete.json`` and its file sizes hold),
+    newest first."""
+    tags = []
+    for folder in save_dir.iterdir() if save_dir.is_dir() else []:
+        marker = folder / COMPLETE_FILE
+        if not (folder.name.isdigit() and marker.is_file()):
+            continue
+        try:
+            files = json.loads(marker.read_text())["files"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if all((folder / name).is_file() and (folder / name).stat().st_size == size for name, size in files.items()):
+            tags.append(folder.name)
+    return sorted(tags, key=int, reverse=True)
+
+
 def resume_position(run: TrainingRun, save_dir: Path) -> tuple[int, int, int]:
-    """``(iteration, data epoch, data chunk)`` to start from: resumed from ``save_dir/latest`` when it
-    exists (weights, optimizer, schedule; ``pickle.UnpicklingError`` for a file that needs code),
-    else the start. A LoRA run's checkpoints hold the adapters only: the base comes from ``load``."""
+    """``(iteration, data epoch, data chunk)`` to start from: the newest complete checkpoint of
+    ``save_dir`` (weights, optimizer, schedule; ``pickle.UnpicklingError`` for a file that needs
+    code), else the start. A damaged or unfinished newest checkpoint (a run killed while saving)
+    falls back to the previous complete one with a warning. A LoRA run's checkpoints hold the
+    adapters only: the base comes from ``load``."""
     if not (save_dir / LATEST_FILE).is_file():
         return 0, 0, 0
-    _, client = run.engine.load_checkpoint(str(save_dir), load_module_strict=not run.lora_modules)
-    log.info("resumed from %s at iteration %d", save_dir, client["iteration"])
-    return client["iteration"], client["data_epoch"], client["data_chunk"] + 1
+    latest = (save_dir / LATEST_FILE).read_text().strip()
+    complete = complete_checkpoints(save_dir)
+    has_markers = any((folder / COMPLETE_FILE).is_file() for folder in save_dir.iterdir() if folder.is_dir())
+    candidates = complete if has_markers else [latest]  # runs from before the markers: trust latest
+    if has_markers and latest not in complete:
+        fallback = complete[0] if complete else "none, starting over"
+        log.warning(
+            "%s: checkpoint %s is incomplete (a run stopped while saving): using %s", save_dir, latest, fallback
+        )
+    for tag in candidates:
+        try:
+            _, client = run.engine.load_checkpoint(str(save_dir), tag=tag, load_module_strict=not run.lora_modules)
+        except (RuntimeError, EOFError, OSError, ValueError) as exc:
+            log.warning("%s: checkpoint %s cannot be read (%s): trying the one before", save_dir, tag, exc)
+            continue
+        if client is None:
+            continue
+        log.info("resumed from %s at iteration %d", save_dir, client["iteration"])
+        return client["iteration"], client["data_epoch"], client["data_chunk"] + 1
+    return 0, 0, 0
 
 
 def save_checkpoint(run: TrainingRun, config: TrainingConfig, save_dir: Path, iteration: int, client: dict, rank: int):
     """One checkpoint: ``<save>/<iteration>/`` with DeepSpeed's states (adapters only for a LoRA run,
     plus ``lora.safetensors`` in our LoRA layout for ``sample_video.py lora=[...]``; the whole DiT
-    consolidated for ZeRO-3), ``latest`` moved last by DeepSpeed; then old checkpoints pruned."""
+    consolidated for ZeRO-3). ``latest`` moves only after every rank has finished writing and
+    ``complete.json`` (the folder's files and sizes) is in place; then old checkpoints are pruned."""
     folder = save_dir / str(iteration)
+    _fault("before", iteration, rank)
     if run.lora_modules and rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".{LORA_FILE}.tmp{os.getpid()}"
@@ -213,11 +262,55 @@ def save_checkpoint(run: TrainingRun, config: TrainingConfig, save_dir: Path, it
     if config.zero_stage == 3:  # gather the partitioned weights into the file samplers read
         save_consolidated(run.engine, folder, rank)
     run.engine.save_checkpoint(
-        str(save_dir), tag=str(iteration), client_state=client, exclude_frozen_parameters=bool(run.lora_modules)
+        str(save_dir),
+        tag=str(iteration),
+        client_state=client,
+        save_latest=False,  # DeepSpeed's rank 0 would write it before the other ranks are done
+        exclude_frozen_parameters=bool(run.lora_modules),
     )
+    _fault("shards", iteration, rank)
+    dist.barrier()  # every rank's files are complete
     if rank == 0:
+        files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != COMPLETE_FILE}
+        write_atomic(folder / COMPLETE_FILE, json.dumps({"iteration": iteration, "files": files}, indent=1) + "\n")
+        _fault("complete", iteration, rank)
+        write_atomic(save_dir / LATEST_FILE, f"{iteration}\n")
+        _fault("latest", iteration, rank)
         remove_recovery_scripts(save_dir)
         prune_checkpoints(save_dir, config.keep_last)
+    dist.barrier()
+
+
+def truncate_log(csv_file: Path, iteration: int) -> None:
+    """Keep the rows of ``train_log.csv`` up to ``iteration`` (a resumed run rewrites the rest)."""
+    if not csv_file.is_file():
+        return
+    lines = csv_file.read_text().splitlines(keepends=True)
+    numbers = [line.split(",", 1)[0] for line in lines[1:]]
+    kept = lines[:1] + [line for line, n in zip(lines[1:], numbers, strict=True) if n.isdigit() and int(n) <= iteration]
+    if kept != lines:
+        write_atomic(csv_file, "".join(kept))
+
+
+def lock_save_dir(save_dir: Path):
+    """An exclusive lock on ``<save>/.train.lock`` for this process's lifetime, or ``RuntimeError``
+    naming the holder: two trainings never write into one folder. The kernel drops it on exit."""
+    import fcntl
+
+    save_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(save_dir / ".train.lock", "a+")  # noqa: SIM115 (held open for the lock's lifetime)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RuntimeError(f"save: another training ({holder}) is writing into {save_dir}") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 class DiffusionEngine(nn.Module):

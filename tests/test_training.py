@@ -266,8 +266,12 @@ def test_resume_refuses_a_planted_pickle(dataset, tmp_path):
     marker = tmp_path / "pwned"
     optimizer_file = next((save / "2").glob("*optim_states.pt"))
     torch.save({"optimizer_state_dict": {}, "payload": _Payload(marker)}, optimizer_file)  # a planted shard
+    complete = json.loads((save / "2" / "complete.json").read_text())  # a careful attacker fixes the sizes too
+    complete["files"][optimizer_file.name] = optimizer_file.stat().st_size
+    (save / "2" / "complete.json").write_text(json.dumps(complete))
     resumed = subprocess.run([*base, "train_iters=4"], cwd=ROOT, capture_output=True, text=True)
     assert resumed.returncode == 2 and "refusing to resume" in resumed.stderr and "posix.system" in resumed.stderr
+    assert "weights_only" not in resumed.stderr  # no advice to switch the protection off
     assert not marker.exists()
     assert (save / "latest").read_text().strip() == "2"
 
@@ -335,3 +339,58 @@ def test_training_values_are_checked_before_anything_starts(dataset):
         )
         assert result.returncode == 2 and message in result.stderr, (extra, result.stderr[-500:])
         assert "Traceback" not in result.stderr
+
+
+def torchrun_raw(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([*launch, *args], cwd=ROOT, env=full_env, capture_output=True, text=True)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_run_killed_anywhere_in_a_save_resumes_to_the_uninterrupted_losses(dataset, tmp_path):
+    """Rank 0 or 1 dies before the save, after its shards (another rank's shard cut short), after
+    complete.json, after latest, and after latest with a shard damaged since: each rerun resumes
+    from the newest complete checkpoint and ends with the uninterrupted run's losses, each once."""
+    common = [*TRAIN, f"data.root={dataset}", "train_iters=6", "save_interval=2"]
+    torchrun(*common, f"save={tmp_path / 'whole'}")
+    whole = losses(tmp_path / "whole")
+    cases = [("before", 0, None), ("shards", 1, "1"), ("complete", 0, None), ("latest", 0, None), ("latest", 0, "0")]
+    for n, (point, rank, damage) in enumerate(cases):
+        save = tmp_path / f"cut{n}"
+        killed = torchrun_raw(*common, f"save={save}", env={"KALEIDO_TEST_KILL_AT": f"{point}:4:{rank}"})
+        assert killed.returncode != 0, point
+        if damage is not None:  # a shard that was being written (or broke since): shorter than it should be
+            shard = save / "4" / f"zero_pp_rank_{damage}_mp_rank_00_optim_states.pt"
+            shard.write_bytes(shard.read_bytes()[:1000])
+        resumed = torchrun(*common, f"save={save}")
+        expected_from = "4" if point in ("complete", "latest") and damage is None else "2"
+        assert f"resumed from {save} at iteration {expected_from}" in resumed.stderr, (point, resumed.stderr[-1500:])
+        if point == "latest" and damage is not None:
+            assert "checkpoint 4 is incomplete" in resumed.stderr
+        values = losses(save)
+        assert len(values) == 6 and max(abs(a - b) for a, b in zip(whole, values, strict=True)) <= 1e-6, point
+        rows = [line.split(",")[0] for line in (save / "train_log.csv").read_text().splitlines()[1:]]
+        assert rows == [str(i) for i in range(1, 7)], (point, rows)  # no row twice
+
+
+def test_two_trainings_never_write_into_one_folder(dataset, tmp_path):
+    from sgm.training import lock_save_dir
+
+    holder = lock_save_dir(tmp_path / "run")  # as a running training holds it
+    result = subprocess.run(
+        [sys.executable, *TRAIN, f"data.root={dataset}", f"save={tmp_path / 'run'}", "train_iters=2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and f"another training (pid {os.getpid()}) is writing into" in result.stderr
+    holder.close()  # released: the next run may go
+    again = subprocess.run(
+        [sys.executable, *TRAIN, f"data.root={dataset}", f"save={tmp_path / 'run'}", "train_iters=2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert again.returncode == 0, again.stderr[-1500:]
