@@ -354,14 +354,16 @@ def main(argv: list[str] | None = None) -> int:
                 log.error("item %d: cannot write %s (%s)", item.index, target, exc.strerror or exc)
                 continue
         done += 1
-    if parallel.is_sp_leader:
+    counts = torch.tensor([done, skipped, failed, len(mine)])
+    if parallel.world_size > 1:  # the run's totals: every data-parallel group's items, counted once
+        torch.distributed.all_reduce(counts)
+        counts //= parallel.sp_size
+    if parallel.rank == 0:
         log.info(
-            "%d done, %d skipped, %d failed in %.1f s (%d item(s) for this process) -> %s",
-            done,
-            skipped,
-            failed,
+            "%d done, %d skipped, %d failed in %.1f s (%d item(s) in this run) -> %s",
+            *counts[:3].tolist(),
             time.perf_counter() - start,
-            len(mine),
+            int(counts[3]),
             out_dir,
         )
     if parallel.world_size > 1:

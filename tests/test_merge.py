@@ -258,7 +258,7 @@ def test_verify_only_writes_nothing_and_a_failed_merge_leaves_no_folder(tmp_path
     assert sorted(str(p) for p in download.rglob("*")) == before
     out = tmp_path / "not_made"
     assert merge(download, out, "--model", "kaleido-1.3b") == 1  # shapes differ: nothing written
-    assert not out.exists()
+    assert not out.exists() and "these tensors are exactly kaleido-tiny: merge with --model kaleido-tiny" in caplog.text
     bad_index = make_download(tmp_path / "bad_index", source, "safetensors_index")
     next(bad_index.glob("*.index.json")).write_text("{not json")
     assert merge(bad_index, tmp_path / "x") == 1

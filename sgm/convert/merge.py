@@ -41,7 +41,7 @@ from sgm.convert.shards import (
 )
 from sgm.models.wan_vae import RELEASE_VAE_FILE as VAE_FILE
 from sgm.modules.encoders.text import RELEASE_T5_FILE
-from sgm.registry import architecture_card, check_dit_shapes, resolve_arch
+from sgm.registry import ARCHITECTURES, architecture_card, check_dit_shapes, resolve_arch
 
 log = logging.getLogger(__name__)
 T5_FOLDER = "umt5-xxl"
@@ -131,10 +131,19 @@ def collect_dit(download: Download) -> tuple[dict[str, TensorInfo], int]:
 
 
 def validate(tensors: dict[str, TensorInfo], model: str) -> int:
+    found = {k: v.shape for k, v in tensors.items()}
     try:
-        check_dit_shapes({k: v.shape for k, v in tensors.items()}, model, "the merged DiT's tensors")
+        check_dit_shapes(found, model, "the merged DiT's tensors")
     except StateDictMismatchError as exc:
-        raise MergeError(str(exc)) from None
+        hint = ""
+        for other in sorted(set(ARCHITECTURES) - {model}):
+            try:
+                check_dit_shapes(found, other)
+            except StateDictMismatchError:
+                continue
+            hint = f"\nthese tensors are exactly {other}: merge with --model {other}"
+            break
+        raise MergeError(f"{exc}{hint}") from None
     return sum(v.nbytes // v.dtype.itemsize for v in tensors.values())
 
 
