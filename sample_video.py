@@ -142,6 +142,13 @@ def slug(text: str) -> str:
     return text or "item"
 
 
+def write_failures(path: Path, failures: list[dict]) -> None:
+    """``failed_items.jsonl``: one JSON line per failed item (index, line, input, error), atomic."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text("".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failures), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def file_identity(path: str | Path) -> list:
     """What identifies weights without reading them (hashing tens of GB on every run is too slow):
     every file under ``path`` with its size and modification time."""
@@ -283,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     weights += [file_identity(entry.path) for entry in config.lora]
     mine = [item for item in items if item.index % parallel.dp_size == parallel.dp_rank]
     done = skipped = failed = 0
+    failures: list[dict] = []  # this process's failed items, for failed_items*.jsonl
     start = time.perf_counter()
     for item in tqdm(mine, desc="videos", disable=not parallel.is_sp_leader):
         target = out_dir / f"{item.index}_{slug(item.prompt or item.line)}"
@@ -304,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             failed += 1
             if parallel.is_sp_leader:
                 log.error("item %d (line %d): %s", item.index, item.index + 1, exc)
+                failures.append({"index": item.index, "line": item.index + 1, "input": item.line, "error": str(exc)})
             continue
         timings = Timings()
         t0 = time.perf_counter()
@@ -351,17 +360,26 @@ def main(argv: list[str] | None = None) -> int:
                 )
             except OSError as exc:  # read-only or full disk: this item is lost, finished ones are kept
                 failed += 1
-                log.error("item %d: cannot write %s (%s)", item.index, target, exc.strerror or exc)
+                message = f"cannot write {target} ({exc.strerror or exc})"
+                log.error("item %d: %s", item.index, message)
+                failures.append({"index": item.index, "line": item.index + 1, "input": item.line, "error": message})
                 continue
         done += 1
+    report = out_dir / ("failed_items.jsonl" if parallel.world_size == 1 else f"failed_items.rank{parallel.rank}.jsonl")
+    if failures:
+        write_failures(report, failures)
+    elif report.exists():
+        report.unlink()  # a rerun that failed nothing: the old list is stale
     counts = torch.tensor([done, skipped, failed, len(mine)])
     if parallel.world_size > 1:  # the run's totals: every data-parallel group's items, counted once
         torch.distributed.all_reduce(counts)
         counts //= parallel.sp_size
     if parallel.rank == 0:
+        listed = " (listed in failed_items*.jsonl)" if counts[2] else ""
         log.info(
-            "%d done, %d skipped, %d failed in %.1f s (%d item(s) in this run) -> %s",
+            "%d done, %d skipped, %d failed%s in %.1f s (%d item(s) in this run) -> %s",
             *counts[:3].tolist(),
+            listed,
             time.perf_counter() - start,
             int(counts[3]),
             out_dir,
@@ -369,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     if parallel.world_size > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+        # Under torchrun a non-zero exit makes the launcher print a crash dump for what is an
+        # ordinary bad item: the failures are logged and listed in failed_items.rank<r>.jsonl.
+        return 0
     return 1 if failed else 0
 
 

@@ -169,7 +169,9 @@ def test_bad_inputs_are_reported_and_the_rest_goes_on(tmp_path, refs, caplog):
     txt = tmp_path / "bad.txt"
     txt.write_text("\n".join(lines) + "\n")
     assert run(tmp_path / "out", f"input_file={txt}", "only_save_latents=true") == 1
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["7_a_good_one"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["7_a_good_one", "failed_items.jsonl"]
+    listed = [json.loads(line) for line in (tmp_path / "out" / "failed_items.jsonl").read_text().splitlines()]
+    assert [f["line"] for f in listed] == [1, 2, 3, 4, 5] and "empty prompt" in listed[3]["error"]
     for expected in (
         "reference file not found",
         "not a readable image",
@@ -299,7 +301,7 @@ def test_a_batch_of_mixed_lines_makes_every_good_item_and_reports_every_bad_one_
     path = tmp_path / "items.JSONL"  # any case of .jsonl / .json is JSON lines
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     assert run(tmp_path / "out", f"input_file={path}", "only_save_latents=true") == 1
-    made = {p.name.split("_", 1)[0] for p in (tmp_path / "out").iterdir()}
+    made = {p.name.split("_", 1)[0] for p in (tmp_path / "out").iterdir() if p.is_dir()}
     good = {str(i + 2) for i, (_, error) in enumerate(records) if error is None}
     assert made == good  # indices are line numbers - 1: the comment and the blank line count
     for i, (_, error) in enumerate(records):
@@ -374,3 +376,37 @@ def test_user_errors_are_one_line(tmp_path, refs, capsys):
             run(tmp_path / "out", f"load={path}", "model.name=kaleido-tiny", prompt="x")
         err = capsys.readouterr().err
         assert info.value.code == 2 and "truncated or corrupt" in err and "Traceback" not in err, err
+
+
+def test_a_full_disk_loses_one_item_and_keeps_the_rest(tmp_path, monkeypatch, caplog):
+    real = sample_video.write_item
+    calls = []
+
+    def full_after_one(target, *args, **kwargs):
+        calls.append(target.name)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(target, *args, **kwargs)
+
+    monkeypatch.setattr(sample_video, "write_item", full_after_one)
+    (tmp_path / "in.txt").write_text("first\nsecond\nthird\n")
+    assert run(tmp_path / "out", f"input_file={tmp_path / 'in.txt'}", "only_save_latents=true") == 1
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.is_dir()) == ["0_first", "2_third"]
+    assert "item 1: cannot write" in caplog.text and "No space left on device" in caplog.text
+    failures = (tmp_path / "out" / "failed_items.jsonl").read_text()
+    assert '"index": 1' in failures and "No space left" in failures
+
+
+@pytest.mark.distributed
+def test_two_processes_report_a_bad_item_without_a_launcher_crash_dump(tmp_path, refs):
+    (tmp_path / "in.txt").write_text(f"a good one\nmissing@@{refs / 'nope.png'}\n")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    argv = [*launch, "sample_video.py", *BASE, *FAST, f"output_dir={tmp_path / 'out'}", "only_save_latents=true"]
+    argv.append(f"input_file={tmp_path / 'in.txt'}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and "ChildFailedError" not in result.stderr, result.stderr[-2000:]
+    assert "1 done, 0 skipped, 1 failed (listed in failed_items*.jsonl)" in result.stderr  # the run's totals
+    assert "(2 item(s) in this run)" in result.stderr
+    listed = (tmp_path / "out" / "failed_items.rank1.jsonl").read_text()  # item 1 went to data-parallel rank 1
+    assert "reference file not found" in listed
