@@ -47,9 +47,21 @@ from sgm.data.items import (
 )
 from sgm.data.references import ReferenceError, load_reference
 from sgm.pipeline import KaleidoPipeline, SamplingConfig, Timings, resolve_components, validate_sampling
+from sgm.prompt_extend import extend_prompt
 from sgm.registry import resolve_device
 
 log = logging.getLogger("sample_video")
+
+
+def agreed_prompt(prompt: str, references: int, config: SamplingConfig, parallel) -> str:
+    """The prompt to sample with: extended once by the SP group's leader and shared with its ranks
+    (two calls to a chat model need not give the same text)."""
+    if not config.prompt_extend.enabled:
+        return prompt
+    box = [extend_prompt(prompt, references=references, config=config.prompt_extend) if parallel.is_sp_leader else None]
+    if parallel.sp_size > 1:
+        torch.distributed.broadcast_object_list(box, group=parallel.sp_group, group_src=0)
+    return box[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         parser.exit(2, f"error: {exc}\n")
     height, width = config.sampling_image_size
-    num_frames = components.geometry.video_frames(config.sampling_num_frames)
+    num_frames = components.geometry.video_frames(config.sampling_num_frames)  # of one segment
     out_dir = Path(config.output_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -116,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         timings = Timings()
         t0 = time.perf_counter()
+        prompt = agreed_prompt(item.prompt, len(images), config, parallel)
         latents = pipeline.generate_latents(
-            item.prompt,
+            prompt,
             references=images,
             seed=seed,
             height=height,
@@ -131,10 +144,13 @@ def main(argv: list[str] | None = None) -> int:
             meta = {
                 "index": item.index,
                 "prompt": item.prompt,
+                "extended_prompt": prompt if config.prompt_extend.enabled else None,  # what the DiT read
                 "references": item.references,
                 "seed": seed,
                 "video": {
-                    "frames": num_frames,
+                    "frames": pipeline.output_frames(num_frames),
+                    "segments": config.segments,
+                    "overlap_latent_frames": config.overlap,
                     "height": height,
                     "width": width,
                     "fps": config.sampling_fps,

@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,7 +42,7 @@ from sat.parallel import (
 )
 from sgm.checkpoint import MODEL_CARD_FILE, find_model_card, load_dit_state_dict, read_dit_checkpoint
 from sgm.data.references import RELEASE_MAX_REFERENCES, fit_reference, image_to_tensor
-from sgm.diffusion.sampling import cfg_denoiser, sample
+from sgm.diffusion.sampling import KnownFrames, cfg_denoiser, sample
 from sgm.diffusion.schedules import SAMPLING_SHIFT, shifted_schedule
 from sgm.geometry import VideoGeometry
 from sgm.lora import LORA_FILE, LORA_INFO_FILE, AppliedLoras, LoraConfig, apply_loras, load_lora
@@ -51,6 +51,7 @@ from sgm.modules.attention import attention_heads
 from sgm.modules.dit import DiTConfig, KaleidoDiT
 from sgm.modules.encoders.conditioner import WAN_NEGATIVE_PROMPT, TextConditioner
 from sgm.modules.encoders.text import TextEncoderConfig, build_text_encoder
+from sgm.prompt_extend import PromptExtendConfig, check_prompt_extend
 from sgm.registry import ModelConfig, build_dit, model_dtype, resolve_device, resolve_model
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,9 @@ class SamplingConfig(ComponentsConfig):
     release_prompt_compat: bool = False  # True: T5 reads the whole line with its @@paths (release)
     lora: list[LoraConfig] = field(default_factory=list)  # [{path, scale}, ...]: Wan/ComfyUI, kohya, diffusers, ours
     lora_mode: str = "merge"  # merge (into the weights, exact unmerge) | adapter (switchable per call)
+    segments: int = 1  # > 1: a longer video, each segment continuing the previous one's last `overlap` frames
+    overlap: int = 1  # latent frames a segment shares with the previous one (held fixed, re-noised per step)
+    prompt_extend: PromptExtendConfig = field(default_factory=PromptExtendConfig)  # an LLM rewrites the prompt
 
 
 @dataclass(frozen=True)
@@ -208,6 +212,22 @@ def check_sequence_parallel(
         )
 
 
+def joined_latent_frames(latent_frames: int, *, segments: int, overlap: int) -> int:
+    """Latent frames of ``segments`` segments of ``latent_frames`` each, consecutive ones sharing
+    ``overlap`` (kept once)."""
+    return latent_frames + (segments - 1) * (latent_frames - overlap)
+
+
+def check_segments(*, segments: int, overlap: int, latent_frames: int) -> None:
+    """Raise ``ValueError`` unless ``segments`` segments can share ``overlap`` latent frames."""
+    if segments < 1:
+        raise ValueError(f"segments: expected 1 or more, got {segments}")
+    if segments > 1 and not 1 <= overlap < latent_frames:
+        raise ValueError(
+            f"overlap: expected 1 to {latent_frames - 1} latent frames (a segment has {latent_frames}), got {overlap}"
+        )
+
+
 def check_request(
     components: Components,
     *,
@@ -216,12 +236,16 @@ def check_request(
     num_frames: int,
     references: int,
     max_references: int,
+    segments: int = 1,
+    overlap: int = 1,
 ) -> None:
-    """Raise ``ValueError`` for a video the model cannot make: size, frame count, reference count."""
+    """Raise ``ValueError`` for a video the model cannot make: size, frame count, reference count,
+    segments."""
     components.geometry.check_size(height, width, "size [height, width]")
-    components.geometry.latent_frames(num_frames)
+    latent_frames = components.geometry.latent_frames(num_frames)
     if references > max_references:
         raise ValueError(f"{references} references, max_references is {max_references}")
+    check_segments(segments=segments, overlap=overlap, latent_frames=latent_frames)
 
 
 def validate_sampling(config: SamplingConfig, components: Components) -> None:
@@ -247,6 +271,8 @@ def validate_sampling(config: SamplingConfig, components: Components) -> None:
         log.warning(
             "max_references=%d: the release was trained with at most %d", config.max_references, RELEASE_MAX_REFERENCES
         )
+    check_segments(segments=config.segments, overlap=config.overlap, latent_frames=config.sampling_num_frames)
+    check_prompt_extend(config.prompt_extend)
     if config.lora_mode not in LORA_MODES:
         raise ValueError(f"lora_mode: expected one of {', '.join(LORA_MODES)}, got '{config.lora_mode}'")
     for n, entry in enumerate(config.lora):
@@ -305,7 +331,9 @@ class SamplerSettings:
     negative_prompt: str = WAN_NEGATIVE_PROMPT
     height: int = 512
     width: int = 896
-    num_frames: int = 81  # video frames
+    num_frames: int = 81  # video frames of one segment
+    segments: int = 1
+    overlap: int = 1  # latent frames
 
 
 @dataclass
@@ -392,6 +420,8 @@ class KaleidoPipeline:
             height=config.sampling_image_size[0],
             width=config.sampling_image_size[1],
             num_frames=components.geometry.video_frames(config.sampling_num_frames),
+            segments=config.segments,
+            overlap=config.overlap,
         )
         pipe = cls(
             dit=dit,
@@ -420,11 +450,16 @@ class KaleidoPipeline:
         guidance_scale: float | None = None,
         shift: float | None = None,
         negative_prompt: str | None = None,
+        segments: int | None = None,
+        overlap: int | None = None,
         progress: bool = False,
+        on_step: Callable[[int, int], None] | None = None,
         timings: Timings | None = None,
     ) -> torch.Tensor:
-        """The video ``[1, 3, num_frames, height, width]`` float32 in [-1, 1] (``num_frames``: video
-        frames, ``t·k + 1`` for the VAE's temporal stride ``t``). Unset settings are the config's."""
+        """The video ``[1, 3, F, height, width]`` float32 in [-1, 1]. ``num_frames``: video frames of
+        one segment, ``t·k + 1`` for the VAE's temporal stride ``t``; with ``segments`` > 1 the video
+        is longer (``output_frames``). ``on_step(done, total)`` after every sampler step (progress bars).
+        Unset settings are the config's."""
         latents = self.generate_latents(
             prompt,
             references=references,
@@ -436,10 +471,48 @@ class KaleidoPipeline:
             guidance_scale=guidance_scale,
             shift=shift,
             negative_prompt=negative_prompt,
+            segments=segments,
+            overlap=overlap,
             progress=progress,
+            on_step=on_step,
             timings=timings,
         )
         return self.decode(latents, timings=timings)
+
+    def output_frames(
+        self, num_frames: int | None = None, segments: int | None = None, overlap: int | None = None
+    ) -> int:
+        """Video frames of a call with these settings (unset: the config's)."""
+        settings = self.settings
+        latent_frames = self.geometry.latent_frames(settings.num_frames if num_frames is None else num_frames)
+        joined = joined_latent_frames(
+            latent_frames,
+            segments=settings.segments if segments is None else segments,
+            overlap=settings.overlap if overlap is None else overlap,
+        )
+        return self.geometry.video_frames(joined)
+
+    def check(
+        self,
+        *,
+        height: int,
+        width: int,
+        num_frames: int,
+        references: int,
+        segments: int | None = None,
+        overlap: int | None = None,
+    ) -> None:
+        """Raise ``ValueError`` for a request this pipeline cannot make (before any work)."""
+        check_request(
+            self.components,
+            height=height,
+            width=width,
+            num_frames=num_frames,
+            references=references,
+            max_references=self.max_references,
+            segments=self.settings.segments if segments is None else segments,
+            overlap=self.settings.overlap if overlap is None else overlap,
+        )
 
     def reference_latents(self, images: Sequence[Image.Image], height: int, width: int) -> torch.Tensor | None:
         """``[1, N, C, h, w]`` latents of the references (each its own one-frame clip), or None."""
@@ -461,21 +534,32 @@ class KaleidoPipeline:
         guidance_scale: float | None = None,
         shift: float | None = None,
         negative_prompt: str | None = None,
+        segments: int | None = None,
+        overlap: int | None = None,
         progress: bool = False,
+        on_step: Callable[[int, int], None] | None = None,
         timings: Timings | None = None,
     ) -> torch.Tensor:
-        """The sampled latent ``[1, T, C, h, w]`` float32 (full size on every rank of the SP group)."""
+        """The sampled latent ``[1, T, C, h, w]`` float32 (full size on every rank of the SP group).
+
+        Segment ``s`` > 0 starts from fresh noise (drawn after the previous segment's from the one
+        generator of ``seed``: the first segment is the one-segment video) with its first
+        ``overlap`` latent frames held at the previous segment's last ones; the segments are joined
+        keeping those frames once, so ``T = joined_latent_frames(...)``.
+        """
         settings = self.settings
         height = settings.height if height is None else height
         width = settings.width if width is None else width
         num_frames = settings.num_frames if num_frames is None else num_frames
-        check_request(
-            self.components,
+        segments = settings.segments if segments is None else segments
+        overlap = settings.overlap if overlap is None else overlap
+        self.check(
             height=height,
             width=width,
             num_frames=num_frames,
             references=len(references),
-            max_references=self.max_references,
+            segments=segments,
+            overlap=overlap,
         )
         timings = timings if timings is not None else Timings()
         start = time.perf_counter()
@@ -494,13 +578,15 @@ class KaleidoPipeline:
             latent_frames=self.geometry.latent_frames(num_frames),
             channels=self.dit.config.in_channels,
         )
-        noise = torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed)).to(self.device)
+        generator = torch.Generator().manual_seed(seed)
         patch = self.dit.config.patch_size[1:]
         dim = split_dim(shape[2], self.parallel.sp_size, self.sp_split, patch=patch)
-        noise = shard(noise, dim, self.parallel, patch=patch)
         if subjects is not None:
             subjects = shard(subjects, dim, self.parallel, patch=patch)
-        offset = token_offset(tuple(noise.shape), dim, self.parallel, patch=patch)
+
+        local_shape = [1, *shape]
+        local_shape[dim] //= self.parallel.sp_size  # this rank's slice: [1, T, C, h / sp, w] or [.., w / sp]
+        offset = token_offset(tuple(local_shape), dim, self.parallel, patch=patch)
 
         def network(x, timesteps, ctx, subj):
             timings.network_calls += 1
@@ -512,9 +598,24 @@ class KaleidoPipeline:
         sigmas = shifted_schedule(
             settings.num_steps if steps is None else steps, settings.shift if shift is None else shift
         )
-        latents = sample(denoise, noise, sigmas, progress=progress)
+        steps_per_segment = len(sigmas) - 1
+
+        def step_done(segment: int) -> Callable | None:
+            if on_step is None:
+                return None
+            return lambda k, x, sigma: on_step(segment * steps_per_segment + k + 1, segments * steps_per_segment)
+
+        pieces, previous = [], None
+        for segment in range(segments):
+            noise = shard(
+                torch.randn((1, *shape), generator=generator).to(self.device), dim, self.parallel, patch=patch
+            )
+            known = None if previous is None else KnownFrames(previous[:, -overlap:], noise[:, :overlap])
+            latents = sample(denoise, noise, sigmas, callback=step_done(segment), progress=progress, known=known)
+            pieces.append(latents if previous is None else latents[:, overlap:])  # the shared frames once
+            previous = latents
         timings.sampling_s += time.perf_counter() - start
-        return gather(latents, dim, self.parallel)
+        return gather(torch.cat(pieces, dim=1), dim, self.parallel)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, *, timings: Timings | None = None) -> torch.Tensor:

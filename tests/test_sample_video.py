@@ -58,7 +58,14 @@ def test_flag_input_writes_a_playable_mp4(tmp_path, refs):
     assert len(frames) == 9 and frames[0].shape == (64, 96, 3)
     assert reader.get_meta_data()["fps"] == 8
     meta = json.loads((item / "meta.json").read_text())
-    assert meta["seed"] == 1234 and meta["video"] == {"frames": 9, "height": 64, "width": 96, "fps": 8}
+    assert meta["seed"] == 1234 and meta["video"] == {
+        "frames": 9,
+        "height": 64,
+        "width": 96,
+        "fps": 8,
+        "segments": 1,
+        "overlap_latent_frames": 1,
+    }
     assert "sampling_num_frames: 3" in meta["config"] and meta["timings"]["total_s"] > 0
     assert (item / "text.txt").read_text() == "a red ball\n"
     assert Image.open(item / "subject_0.png").size == (40, 30)  # the original reference, not the letterboxed one
