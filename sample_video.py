@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             meta = {
                 "index": item.index,
                 "prompt": item.prompt,
-                "extended_prompt": prompt if config.prompt_extend.enabled else None,  # what the DiT read
+                "extended_prompt": prompt if prompt != item.prompt else None,  # what the DiT read, if extended
                 "references": item.references,
                 "seed": seed,
                 "video": {

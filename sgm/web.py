@@ -121,6 +121,7 @@ class Studio:
             extended = None
             if request.extend and self.config.prompt_extend.enabled:
                 extended = extend_prompt(prompt, references=len(images), config=self.config.prompt_extend)
+                extended = extended if extended != prompt else None  # a failed extension is logged, not shown
             timings = Timings()
             start = time.perf_counter()
             latents = self.pipeline.generate_latents(
