@@ -194,7 +194,11 @@ class ModelScores:
     swapped: list[bool]  # per swapped pair: the appearance followed the reference into its new slot
 
 
-def sample_and_score(clips: list[Clip], config_files: list[str], overrides: list[str]) -> ModelScores:
+def sample_and_score(
+    clips: list[Clip], config_files: list[str], overrides: list[str], frames: slice = slice(None)
+) -> ModelScores:
+    """Sample every clip (references, blank references, swapped references) and score the videos'
+    ``frames`` (all by default; e.g. the second segment of a 2-segment video)."""
     import torch
     from PIL import Image
     from tqdm.auto import tqdm
@@ -210,7 +214,7 @@ def sample_and_score(clips: list[Clip], config_files: list[str], overrides: list
 
     def generate(caption: str, images, seed: int) -> np.ndarray:
         video = pipeline(caption, references=images, seed=seed, height=height, width=width, num_frames=num_frames)
-        return video_to_uint8(video[0])
+        return video_to_uint8(video[0])[frames]
 
     normal, blank, swapped = [], [], []
     for n, clip in enumerate(tqdm(clips, desc="clips")):
@@ -274,6 +278,11 @@ def main(argv=None) -> int:
     mode.add_argument("--ground-truth", action="store_true", help="score the clips' own videos")
     mode.add_argument("--reconstruct", action="store_true", help="score the VAE's reconstructions of the clips")
     parser.add_argument("--json", help="write the figures to this file")
+    parser.add_argument(
+        "--frames",
+        default=":",
+        help="score only these video frames, START:STOP (e.g. 8: for the second segment of segments=2 overlap=1)",
+    )
     parser.add_argument("--confusion", action="store_true", help="also print shape and motion confusion tables")
     parser.add_argument("overrides", nargs="*", default=[], metavar="key=value")
     args = parser.parse_args(argv)
@@ -287,7 +296,11 @@ def main(argv=None) -> int:
         figures = subject_figures(scored, len(clips))
     else:
         overrides = [*args.overrides, f"load={args.load}"] if args.load else list(args.overrides)
-        scores = sample_and_score(clips, args.config, overrides)
+        try:
+            start, stop = (int(v) if v else None for v in args.frames.split(":"))
+        except ValueError:
+            parser.exit(2, f"error: --frames: expected START:STOP (either may be empty), got '{args.frames}'\n")
+        scores = sample_and_score(clips, args.config, overrides, slice(start, stop))
         scored, figures = scores.normal, model_figures(scores, len(clips))
     print(table(figures))
     if args.confusion:
