@@ -54,13 +54,14 @@ log = logging.getLogger("sample_video")
 
 
 def agreed_prompt(prompt: str, references: int, config: SamplingConfig, parallel) -> str:
-    """The prompt to sample with: extended once by the SP group's leader and shared with its ranks
+    """The prompt to sample with: extended once by the video group's leader and shared with its ranks
     (two calls to a chat model need not give the same text)."""
     if not config.prompt_extend.enabled:
         return prompt
-    box = [extend_prompt(prompt, references=references, config=config.prompt_extend) if parallel.is_sp_leader else None]
-    if parallel.sp_size > 1:
-        torch.distributed.broadcast_object_list(box, group=parallel.sp_group, group_src=0)
+    leader = parallel.is_video_leader
+    box = [extend_prompt(prompt, references=references, config=config.prompt_extend) if leader else None]
+    if parallel.video_size > 1:
+        torch.distributed.broadcast_object_list(box, group=parallel.video_group, group_src=0)
     return box[0]
 
 
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"error: {exc}\n")
 
     device = resolve_device(config.device)
-    parallel = init_parallel(config.sequence_parallel_size, device)
+    parallel = init_parallel(config.sequence_parallel_size, device, config.cfg_parallel_size)
     torch.manual_seed(config.seed)  # random weights (no checkpoint) are the same on every rank and run
     try:
         pipeline = KaleidoPipeline.from_config(config, device=device, parallel=parallel, components=components)
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         parser.exit(2, f"error: output_dir: cannot create {out_dir} ({exc.strerror or exc})\n")
     resolved = to_yaml(config)
-    if parallel.is_sp_leader and (cleaned := remove_stale_temporaries(out_dir)):
+    if parallel.is_video_leader and (cleaned := remove_stale_temporaries(out_dir)):
         log.info("removed %d temporary folder(s) left by killed runs in %s", cleaned, out_dir)
     weights = [file_identity(p) for p in (config.load, components.vae_path, components.text_encoder_path) if p]
     weights += [file_identity(entry.path) for entry in config.lora]
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     done = skipped = failed = 0
     failures: list[dict] = []  # this process's failed items, for failed_items*.jsonl
     start = time.perf_counter()
-    for item in tqdm(mine, desc="videos", disable=not parallel.is_sp_leader):
+    for item in tqdm(mine, desc="videos", disable=not parallel.is_video_leader):
         target = out_dir / f"{item.index}_{slug(item.prompt or item.line)}"
         try:
             if item.error:
@@ -118,11 +119,11 @@ def main(argv: list[str] | None = None) -> int:
                 if finished_fingerprint(target) == fingerprint:
                     skipped += 1  # the same inputs made this output
                     continue
-                if parallel.is_sp_leader:
+                if parallel.is_video_leader:
                     log.info("item %d: its inputs changed since %s was written: regenerating", item.index, target)
         except (ValueError, ReferenceError, OSError) as exc:
             failed += 1
-            if parallel.is_sp_leader:
+            if parallel.is_video_leader:
                 log.error("item %d (line %d): %s", item.index, item.index + 1, exc)
                 failures.append({"index": item.index, "line": item.index + 1, "input": item.line, "error": str(exc)})
             continue
@@ -136,10 +137,10 @@ def main(argv: list[str] | None = None) -> int:
             height=height,
             width=width,
             num_frames=num_frames,
-            progress=parallel.is_sp_leader,
+            progress=parallel.is_video_leader,
             timings=timings,
         )
-        if parallel.is_sp_leader:
+        if parallel.is_video_leader:
             video = None if config.only_save_latents else pipeline.decode(latents, timings=timings)
             meta = {
                 "index": item.index,
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = torch.tensor([done, skipped, failed, len(mine)])
     if parallel.world_size > 1:  # the run's totals: every data-parallel group's items, counted once
         torch.distributed.all_reduce(counts)
-        counts //= parallel.sp_size
+        counts //= parallel.video_size
     if parallel.rank == 0:
         listed = " (listed in failed_items*.jsonl)" if counts[2] else ""
         log.info(

@@ -1,13 +1,17 @@
 """Process groups and sequence parallelism, kept at the boundary of the model.
 
-Layout (as the release): ``world = data_parallel × sequence_parallel``; a sequence-parallel (SP)
-group is a block of consecutive ranks. Within a group every rank holds one slice of the latent
-and of every reference latent along H or W (spec-dit §3.5); the DiT runs on its slice with the
-slice's RoPE offset, and self-attention is wrapped in a Ulysses all-to-all (scatter heads, gather
-tokens, attend, scatter tokens back, gather heads). Cross-attention needs no communication: each
-rank's queries attend to the full text, which every rank has. The model itself never calls a
-collective: the caller passes a ``UlyssesAttention`` to the model's public attention hook
-(``KaleidoDiT.set_self_attention``; ``sgm.pipeline.enable_sequence_parallel``).
+Layout: ``world = data_parallel × cfg_parallel × sequence_parallel`` (the release: CFG-parallel 1);
+a sequence-parallel (SP) group is a block of consecutive ranks, a video group (the ranks that make
+one video: CFG × SP) a block of consecutive SP groups, and a CFG group the ranks of one video group
+at the same SP position (rank = ((dp · cfg) + cfg_rank) · sp + sp_rank). Within an SP group every
+rank holds one slice of the latent and of every reference latent along H or W (spec-dit §3.5); the
+DiT runs on its slice with the slice's RoPE offset, and self-attention is wrapped in a Ulysses
+all-to-all (scatter heads, gather tokens, attend, scatter tokens back, gather heads).
+Cross-attention needs no communication: each rank's queries attend to the full text, which every
+rank has. The model itself never calls a collective: the caller passes a ``UlyssesAttention`` to
+the model's public attention hook (``KaleidoDiT.set_self_attention``;
+``sgm.pipeline.enable_sequence_parallel``). CFG-parallel lives in the sampler's denoiser
+(``sgm.diffusion.sampling.guided_denoiser``).
 """
 
 from __future__ import annotations
@@ -31,52 +35,90 @@ def free_port() -> int:
 
 @dataclass(frozen=True)
 class ParallelState:
-    """Where this process sits: data-parallel group index and rank inside its SP group."""
+    """Where this process sits: data-parallel index, CFG rank, rank inside its SP group."""
 
     world_size: int = 1
     rank: int = 0
     sp_size: int = 1
     sp_group: object | None = None  # torch.distributed ProcessGroup, None without SP
+    cfg_size: int = 1
+    cfg_group: object | None = None  # the ranks that split one step's guidance evaluations, None without
+    video_group: object | None = None  # the CFG × SP ranks of one video, None when that is one rank
 
     @property
     def sp_rank(self) -> int:
         return self.rank % self.sp_size
 
     @property
+    def cfg_rank(self) -> int:
+        return (self.rank // self.sp_size) % self.cfg_size
+
+    @property
+    def video_size(self) -> int:
+        return self.sp_size * self.cfg_size
+
+    @property
     def dp_rank(self) -> int:
-        return self.rank // self.sp_size
+        return self.rank // self.video_size
 
     @property
     def dp_size(self) -> int:
-        return self.world_size // self.sp_size
+        return self.world_size // self.video_size
 
     @property
     def is_sp_leader(self) -> bool:
         return self.sp_rank == 0
 
+    @property
+    def is_video_leader(self) -> bool:
+        """The one rank of a video group that decodes, writes and logs."""
+        return self.rank % self.video_size == 0
 
-def init_parallel(sp_size: int, device: torch.device) -> ParallelState:
-    """Initialise torch.distributed when launched by torchrun and build the SP groups.
 
-    Without torchrun (no ``WORLD_SIZE``) this is a single process and ``sp_size`` must be 1.
+def check_layout(world: int, *, sp_size: int, cfg_size: int) -> None:
+    """Raise ``ValueError`` unless ``world`` processes split into data × CFG × SP."""
+    if sp_size < 1 or cfg_size < 1:
+        raise ValueError(f"sequence_parallel_size ({sp_size}) and cfg_parallel_size ({cfg_size}) must be 1 or more")
+    if world % (sp_size * cfg_size):
+        raise ValueError(
+            f"{world} process(es) do not split into cfg_parallel_size {cfg_size} × sequence_parallel_size {sp_size}"
+            f" (world = data × cfg × sp: launch a multiple of {sp_size * cfg_size} processes)"
+        )
+
+
+def init_parallel(sp_size: int, device: torch.device, cfg_size: int = 1) -> ParallelState:
+    """Initialise torch.distributed when launched by torchrun and build the SP, CFG and video groups.
+
+    Without torchrun (no ``WORLD_SIZE``) this is a single process and both sizes must be 1.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    check_layout(world, sp_size=sp_size, cfg_size=cfg_size)
     if world == 1:
-        if sp_size != 1:
-            raise ValueError(f"sequence_parallel_size={sp_size} needs torchrun with a multiple of {sp_size} processes")
         return ParallelState()
-    if world % sp_size:
-        raise ValueError(f"sequence_parallel_size={sp_size} must divide the number of processes ({world})")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank()
-    group = None
-    for start in range(0, world, sp_size):  # every rank must create every group, in the same order
-        ranks = list(range(start, start + sp_size))
-        created = dist.new_group(ranks) if sp_size > 1 else None
-        if rank in ranks:
-            group = created
-    return ParallelState(world_size=world, rank=rank, sp_size=sp_size, sp_group=group)
+    video = sp_size * cfg_size
+    layouts = {  # every rank must create every group, in the same order
+        "sp": [list(range(s, s + sp_size)) for s in range(0, world, sp_size)],
+        "cfg": [[v + c * sp_size + s for c in range(cfg_size)] for v in range(0, world, video) for s in range(sp_size)],
+        "video": [list(range(v, v + video)) for v in range(0, world, video)],
+    }
+    groups = {}
+    for kind, all_ranks in layouts.items():
+        for ranks in all_ranks:
+            created = dist.new_group(ranks) if len(ranks) > 1 else None
+            if rank in ranks:
+                groups[kind] = created
+    return ParallelState(
+        world_size=world,
+        rank=rank,
+        sp_size=sp_size,
+        sp_group=groups["sp"],
+        cfg_size=cfg_size,
+        cfg_group=groups["cfg"],
+        video_group=groups["video"],
+    )
 
 
 def split_dim(latent_height: int, sp_size: int, preference: str = "auto", *, patch: tuple[int, int]) -> int:

@@ -35,6 +35,7 @@ from sat.parallel import (
     ParallelState,
     UlyssesAttention,
     check_heads,
+    check_layout,
     gather,
     shard,
     split_dim,
@@ -42,8 +43,9 @@ from sat.parallel import (
 )
 from sgm.checkpoint import MODEL_CARD_FILE, find_model_card, load_dit_state_dict, read_dit_checkpoint
 from sgm.data.references import RELEASE_MAX_REFERENCES, fit_reference, image_to_tensor
-from sgm.diffusion.sampling import KnownFrames, cfg_denoiser, sample
+from sgm.diffusion.sampling import KnownFrames, guided_denoiser, sample
 from sgm.diffusion.schedules import SAMPLING_SHIFT, shifted_schedule
+from sgm.diffusion.step_cache import StepCache, StepCacheConfig, check_step_cache
 from sgm.geometry import VideoGeometry
 from sgm.lora import LORA_FILE, LORA_INFO_FILE, AppliedLoras, LoraConfig, apply_loras, load_lora
 from sgm.models.wan_vae import VAEConfig, WanVAE, build_vae, default_vae_config, read_vae_strides, vae_strides
@@ -96,6 +98,10 @@ class SamplingConfig(ComponentsConfig):
     segments: int = 1  # > 1: a longer video, each segment continuing the previous one's last `overlap` frames
     overlap: int = 1  # latent frames a segment shares with the previous one (held fixed, re-noised per step)
     prompt_extend: PromptExtendConfig = field(default_factory=PromptExtendConfig)  # an LLM rewrites the prompt
+    reference_guidance_scale: float | None = None  # set: text and references guided apart (3 evaluations per step)
+    cfg_parallel_size: int = 1  # 2: a step's guidance evaluations on 2 ranks (world = data × cfg × sp)
+    cache: StepCacheConfig = field(default_factory=StepCacheConfig)  # step caching (First Block Cache)
+    compile: bool = False  # torch.compile the DiT's blocks (pays on GPUs; measured in benchmarks/sample_step.py)
 
 
 @dataclass(frozen=True)
@@ -212,6 +218,30 @@ def check_sequence_parallel(
         )
 
 
+def evaluations_per_step(guidance_scale: float, reference_guidance_scale: float | None) -> int:
+    """Network evaluations of one sampler step (with references): 1 (guidance 1), 2 (CFG), 3 (+ reference guidance)."""
+    if reference_guidance_scale is not None:
+        return 3
+    return 1 if guidance_scale == 1.0 else 2
+
+
+def check_guidance(config: SamplingConfig) -> None:
+    """Raise ``ValueError`` for guidance settings and a CFG × SP × data layout that cannot work."""
+    ref = config.reference_guidance_scale
+    if ref is not None and not math.isfinite(ref):
+        raise ValueError(f"reference_guidance_scale: expected a finite number or null, got {ref}")
+    evaluations = evaluations_per_step(config.guidance_scale, ref)
+    if not 1 <= config.cfg_parallel_size <= max(evaluations, 1) or (config.cfg_parallel_size > 1 and evaluations == 1):
+        raise ValueError(
+            f"cfg_parallel_size: {config.cfg_parallel_size} ranks for {evaluations} evaluation(s) per step "
+            f"(guidance_scale {config.guidance_scale}, reference_guidance_scale {ref}); expected 1 to {evaluations}"
+            + (" (guidance_scale 1 has one evaluation: nothing to split)" if evaluations == 1 else "")
+        )
+    check_layout(
+        int(os.environ.get("WORLD_SIZE", "1")), sp_size=config.sequence_parallel_size, cfg_size=config.cfg_parallel_size
+    )
+
+
 def joined_latent_frames(latent_frames: int, *, segments: int, overlap: int) -> int:
     """Latent frames of ``segments`` segments of ``latent_frames`` each, consecutive ones sharing
     ``overlap`` (kept once)."""
@@ -273,6 +303,8 @@ def validate_sampling(config: SamplingConfig, components: Components) -> None:
         )
     check_segments(segments=config.segments, overlap=config.overlap, latent_frames=config.sampling_num_frames)
     check_prompt_extend(config.prompt_extend)
+    check_guidance(config)
+    check_step_cache(config.cache, sp_size=config.sequence_parallel_size)
     if config.lora_mode not in LORA_MODES:
         raise ValueError(f"lora_mode: expected one of {', '.join(LORA_MODES)}, got '{config.lora_mode}'")
     for n, entry in enumerate(config.lora):
@@ -313,6 +345,13 @@ def load_dit(
     return dit
 
 
+def compile_blocks(dit: KaleidoDiT) -> None:
+    """``torch.compile`` each transformer block in place (one graph per block: the same code for
+    every layer, so one compilation serves all)."""
+    for layer in dit.transformer.layers:
+        layer.compile(dynamic=False)
+
+
 def enable_sequence_parallel(dit: KaleidoDiT, parallel: ParallelState) -> None:
     """Route the DiT's self-attention through Ulysses over ``parallel``'s SP group (public hook)."""
     if parallel.sp_size == 1:
@@ -334,6 +373,7 @@ class SamplerSettings:
     num_frames: int = 81  # video frames of one segment
     segments: int = 1
     overlap: int = 1  # latent frames
+    reference_guidance_scale: float | None = None
 
 
 @dataclass
@@ -377,6 +417,7 @@ class KaleidoPipeline:
         self.sp_split = sp_split
         self.max_references = max_references
         self.loras: AppliedLoras | None = None  # the LoRAs of the config: .set_scale(), .remove()
+        self.step_cache: StepCache | None = None  # the config's step cache: .full_evaluations, .remove()
         if (vae.temporal_stride, vae.spatial_stride) != (self.geometry.temporal_stride, self.geometry.spatial_stride):
             raise ValueError(
                 f"the VAE's strides ({vae.temporal_stride}, {vae.spatial_stride}) differ from the geometry's "
@@ -422,6 +463,7 @@ class KaleidoPipeline:
             num_frames=components.geometry.video_frames(config.sampling_num_frames),
             segments=config.segments,
             overlap=config.overlap,
+            reference_guidance_scale=config.reference_guidance_scale,
         )
         pipe = cls(
             dit=dit,
@@ -435,6 +477,10 @@ class KaleidoPipeline:
             max_references=config.max_references,
         )
         pipe.loras = loras
+        if config.compile:
+            compile_blocks(dit)
+        if config.cache.method != "none":
+            pipe.step_cache = StepCache(dit, config.cache)
         return pipe
 
     def __call__(
@@ -452,6 +498,7 @@ class KaleidoPipeline:
         negative_prompt: str | None = None,
         segments: int | None = None,
         overlap: int | None = None,
+        reference_guidance_scale: float | None = None,
         progress: bool = False,
         on_step: Callable[[int, int], None] | None = None,
         timings: Timings | None = None,
@@ -473,6 +520,7 @@ class KaleidoPipeline:
             negative_prompt=negative_prompt,
             segments=segments,
             overlap=overlap,
+            reference_guidance_scale=reference_guidance_scale,
             progress=progress,
             on_step=on_step,
             timings=timings,
@@ -536,6 +584,7 @@ class KaleidoPipeline:
         negative_prompt: str | None = None,
         segments: int | None = None,
         overlap: int | None = None,
+        reference_guidance_scale: float | None = None,
         progress: bool = False,
         on_step: Callable[[int, int], None] | None = None,
         timings: Timings | None = None,
@@ -594,7 +643,10 @@ class KaleidoPipeline:
 
         start = time.perf_counter()
         scale = settings.guidance_scale if guidance_scale is None else guidance_scale
-        denoise = cfg_denoiser(network, context, uncond, subjects, scale)
+        ref_scale = settings.reference_guidance_scale if reference_guidance_scale is None else reference_guidance_scale
+        denoise = guided_denoiser(
+            network, context, uncond, subjects, scale, reference_scale=ref_scale, cfg_group=self.parallel.cfg_group
+        )
         sigmas = shifted_schedule(
             settings.num_steps if steps is None else steps, settings.shift if shift is None else shift
         )
@@ -607,6 +659,8 @@ class KaleidoPipeline:
 
         pieces, previous = [], None
         for segment in range(segments):
+            if self.step_cache is not None:
+                self.step_cache.start(f"segment{segment}")  # cached residuals never cross videos or segments
             noise = shard(
                 torch.randn((1, *shape), generator=generator).to(self.device), dim, self.parallel, patch=patch
             )

@@ -195,10 +195,10 @@ class ModelScores:
 
 
 def sample_and_score(
-    clips: list[Clip], config_files: list[str], overrides: list[str], frames: slice = slice(None)
+    clips: list[Clip], config_files: list[str], overrides: list[str], keep: slice = slice(None)
 ) -> ModelScores:
     """Sample every clip (references, blank references, swapped references) and score the videos'
-    ``frames`` (all by default; e.g. the second segment of a 2-segment video)."""
+    frames ``keep`` (all by default; e.g. the second segment of a 2-segment video)."""
     import torch
     from PIL import Image
     from tqdm.auto import tqdm
@@ -214,7 +214,7 @@ def sample_and_score(
 
     def generate(caption: str, images, seed: int) -> np.ndarray:
         video = pipeline(caption, references=images, seed=seed, height=height, width=width, num_frames=num_frames)
-        return video_to_uint8(video[0])[frames]
+        return video_to_uint8(video[0])[keep]
 
     normal, blank, swapped = [], [], []
     for n, clip in enumerate(tqdm(clips, desc="clips")):

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from sgm.diffusion.schedules import TIMESTEP_SCALE
@@ -108,5 +109,80 @@ def cfg_denoiser(
         out = model(torch.cat([x, x]), timesteps, both_contexts, both_subjects).to(torch.float32)
         v_uncond, v_cond = out.chunk(2)
         return guided_velocity(v_uncond, v_cond, scale)
+
+    return denoise
+
+
+def reference_guided_velocity(
+    v_none: torch.Tensor, v_uncond: torch.Tensor, v_cond: torch.Tensor, *, scale: float, reference_scale: float
+) -> torch.Tensor:
+    """Text and references guided apart (as Phantom does): ``v_∅ + s_r·(v_u − v_∅) + s·(v_c − v_u)``
+    with ``v_∅`` = negative text without references, ``v_u`` = negative text with references,
+    ``v_c`` = the prompt with references. ``s_r = 1`` is plain CFG."""
+    return v_none + reference_scale * (v_uncond - v_none) + scale * (v_cond - v_uncond)
+
+
+def gather_evaluations(mine: list[torch.Tensor], total: int, group) -> list[torch.Tensor]:
+    """Every rank of ``group`` evaluated ``evaluations[rank::size]``: all of them, in order, on every rank
+    (one all-gather; a rank with fewer evaluations pads with zeros)."""
+    size = dist.get_world_size(group)
+    per_rank = -(-total // size)
+    local = torch.stack(mine + [torch.zeros_like(mine[0])] * (per_rank - len(mine)))  # [per_rank, B, T, C, h, w]
+    parts = [torch.empty_like(local) for _ in range(size)]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    return [parts[k % size][k // size] for k in range(total)]
+
+
+def guided_denoiser(
+    model: Callable[..., torch.Tensor],
+    context: torch.Tensor,
+    uncond_context: torch.Tensor,
+    subjects,
+    scale: float,
+    *,
+    reference_scale: float | None = None,
+    cfg_group=None,
+) -> Denoiser:
+    """``cfg_denoiser`` (the release's guidance, unchanged when both options are off) with:
+
+    - ``reference_scale``: a third evaluation, the negative text *without* references, so text and
+      references are guided separately (``reference_guided_velocity``; 3 evaluations per step);
+    - ``cfg_group``: the evaluations of a step are spread over the group's ranks (rank ``r`` runs
+      evaluations ``r, r + size, ...``) and one all-gather brings them together; every rank returns
+      the same velocity.
+    """
+    if reference_scale is None and cfg_group is None:
+        return cfg_denoiser(model, context, uncond_context, subjects, scale)
+    # (text, with references?) of each evaluation, in the order the velocities are combined
+    evaluations = [(uncond_context, True), (context, True)]
+    if reference_scale is not None and subjects is not None:
+        evaluations.append((uncond_context, False))
+    size = 1 if cfg_group is None else dist.get_world_size(cfg_group)
+    rank = 0 if cfg_group is None else dist.get_rank(cfg_group)
+    mine = evaluations[rank::size]
+
+    def run(x: torch.Tensor, sigma: torch.Tensor, group: list) -> torch.Tensor:
+        """One network call for evaluations that agree on the references: ``[len(group)·B, ...]``."""
+        n = len(group)
+        timesteps = (sigma * TIMESTEP_SCALE).expand(n * x.shape[0])
+        refs = subjects if group[0][1] else None
+        if refs is not None and n > 1:
+            refs = torch.cat([refs] * n) if isinstance(refs, torch.Tensor) else [torch.cat([s] * n) for s in refs]
+        texts = torch.cat([text for text, _ in group])
+        return model(torch.cat([x] * n), timesteps, texts, refs).to(torch.float32)
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        outputs = []
+        for with_refs in (True, False):  # batch the evaluations that see the references (same token count)
+            group = [e for e in mine if e[1] == with_refs]
+            if group:
+                outputs += list(run(x, sigma, group).chunk(len(group)))
+        # back to this rank's order (with-references first is also the order of `evaluations`)
+        velocities = outputs if cfg_group is None else gather_evaluations(outputs, len(evaluations), cfg_group)
+        if len(evaluations) == 2:
+            return guided_velocity(velocities[0], velocities[1], scale)
+        return reference_guided_velocity(
+            velocities[2], velocities[0], velocities[1], scale=scale, reference_scale=reference_scale
+        )
 
     return denoise

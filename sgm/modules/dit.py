@@ -302,17 +302,23 @@ class TransformerLayer(nn.Module):
         self.post_cross_attention_layernorm = nn.LayerNorm(dim, eps=self.eps, device=device, dtype=dtype)
         self.cross_attention = CrossAttention(dim, heads, device=device, dtype=dtype)
         self.mlp = MLP(dim, config.inner_hidden_size, scratch, device=device, dtype=dtype)
+        # Without gradients the residuals are added into the input in place (one buffer for the whole
+        # network). A step cache compares a block's output with its input and keeps outputs across
+        # blocks, so it sets this: the block then works on a copy and leaves its input untouched.
+        self.keep_input = False
 
     def forward(
         self,
-        h: torch.Tensor,
+        hidden_states: torch.Tensor,
         context: torch.Tensor,
         modulation: torch.Tensor,
         norms: QKNorms,
         cos: torch.Tensor,
         sin: torch.Tensor,
     ) -> torch.Tensor:
-        """``h [B, L, D]`` (subjects and video), ``context [B, Lt, D]``, ``modulation [B, 6, D]``."""
+        """``hidden_states [B, L, D]`` (subjects and video), ``context [B, Lt, D]``, ``modulation [B, 6, D]``.
+        (The first argument's name is what diffusers' cache hooks look for: ``sgm.diffusion.step_cache``.)"""
+        h = hidden_states if not self.keep_input else hidden_states.clone()
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)  # [B, 1, D]
 
         a = modulate(layer_norm(h, None, None, self.eps), shift_msa, scale_msa)

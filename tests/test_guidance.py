@@ -1,0 +1,175 @@
+"""Faster and better sampling: reference guidance, CFG-parallel, step caching, compile; each option
+switched off is the plain sampler."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sat.config import load_config
+from sat.parallel import check_layout, free_port
+from sgm.data.references import load_reference
+from sgm.diffusion.sampling import cfg_denoiser, guided_denoiser, reference_guided_velocity
+from sgm.diffusion.step_cache import psnr
+from sgm.pipeline import KaleidoPipeline, SamplingConfig, Timings, check_guidance, evaluations_per_step
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = [str(ROOT / "configs/sampling/shapes.yaml")]
+REF = ROOT / "assets/kaleido-shapes/examples/heldout_00009_ref1.png"
+
+
+def demo(*overrides: str) -> KaleidoPipeline:
+    config = load_config(SamplingConfig, DEMO, ["num_steps=8", *overrides])
+    config.text_encoder.path = str(ROOT / config.text_encoder.path)
+    config.vae.path, config.load = str(ROOT / config.vae.path), str(ROOT / config.load)
+    return KaleidoPipeline.from_config(config, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def plain():
+    pipe = demo()
+    timings = Timings()
+    latents = pipe.generate_latents(
+        "the first object bounces", references=[load_reference(str(REF))], seed=4, timings=timings
+    )
+    return pipe, latents, timings
+
+
+def toy_model(x, timesteps, context, subjects):
+    """A velocity that tells its inputs apart: text value + 10 with references, per batch element."""
+    with_refs = 0.0 if subjects is None else 10.0
+    return torch.ones_like(x) * (context[:, :1, :1, None, None] + with_refs)
+
+
+def test_reference_guidance_guides_text_and_references_apart():
+    x = torch.zeros(1, 2, 3, 4, 4)
+    text, negative = torch.full((1, 5, 8), 2.0), torch.full((1, 5, 8), -1.0)
+    subjects = torch.zeros(1, 1, 3, 4, 4)
+    calls = []
+
+    def model(x, t, c, s):
+        calls.append((x.shape[0], s is not None))
+        return toy_model(x, t, c, s)
+
+    v = guided_denoiser(model, text, negative, subjects, 5.0, reference_scale=3.0)(x, torch.tensor(0.5))
+    # v_∅ = -1 (negative, no references), v_u = 9 (negative + references), v_c = 12 (text + references)
+    assert torch.all(v == -1 + 3.0 * (9 - -1) + 5.0 * (12 - 9))
+    assert calls == [(2, True), (1, False)]  # 3 evaluations: the two with references in one call
+    assert (
+        reference_guided_velocity(
+            torch.tensor(-1.0), torch.tensor(9.0), torch.tensor(12.0), scale=5.0, reference_scale=1.0
+        )
+        == 9 + 5.0 * 3
+    )
+    # off: the release's two-evaluation CFG, the very same closure
+    off = guided_denoiser(model, text, negative, subjects, 5.0)
+    assert off.__qualname__ == cfg_denoiser(model, text, negative, subjects, 5.0).__qualname__
+    assert torch.all(off(x, torch.tensor(0.5)) == 9 + 5.0 * (12 - 9))
+
+
+def test_options_switched_off_are_plain_and_reference_scale_one_is_cfg(plain):
+    pipe, latents, timings = plain
+    refs = [load_reference(str(REF))]
+    assert timings.network_calls == 8  # one batched [uncond, cond] call per step
+    off = demo("reference_guidance_scale=null", "cfg_parallel_size=1", "cache.method=none", "compile=false")
+    assert torch.equal(off.generate_latents("the first object bounces", references=refs, seed=4), latents)
+    t = Timings()
+    one = pipe.generate_latents(
+        "the first object bounces", references=refs, seed=4, reference_guidance_scale=1.0, timings=t
+    )
+    assert t.network_calls == 16  # the third evaluation is a call of its own (no references: fewer tokens)
+    torch.testing.assert_close(one, latents, rtol=0, atol=1e-4)  # v_∅ + 1·(v_u − v_∅) = v_u up to rounding
+    two = pipe.generate_latents("the first object bounces", references=refs, seed=4, reference_guidance_scale=2.0)
+    assert (two - latents).abs().max() > 1e-2  # it does something
+
+
+def test_step_cache_skips_evaluations_and_threshold_zero_is_exact(plain):
+    pipe, latents, _ = plain
+    refs = [load_reference(str(REF))]
+    exact = demo("cache.method=first_block", "cache.threshold=0")
+    assert torch.equal(exact.generate_latents("the first object bounces", references=refs, seed=4), latents)
+    assert exact.step_cache.full_evaluations == 8
+    loose = demo("cache.method=first_block", "cache.threshold=10")  # every step after the first reuses
+    t = Timings()
+    cached = loose.generate_latents("the first object bounces", references=refs, seed=4, timings=t)
+    assert t.network_calls == 8 and loose.step_cache.full_evaluations == 1
+    assert not torch.equal(cached, latents) and psnr(cached, latents) > 5
+    loose.generate_latents("the first object bounces", references=refs, seed=5, segments=2, overlap=1)
+    assert loose.step_cache.full_evaluations == 1 + 2  # the cache starts afresh for every video and segment
+    loose.step_cache.remove()
+    assert torch.equal(loose.generate_latents("the first object bounces", references=refs, seed=4), latents)
+    assert all(not layer.keep_input for layer in loose.dit.transformer.layers)
+
+
+def test_compiled_blocks_match_plain(plain):
+    pipe, latents, _ = plain
+    compiled = demo("compile=true", "num_steps=2")
+    refs = [load_reference(str(REF))]
+    eager = demo("num_steps=2").generate_latents("a", references=refs, seed=1)
+    torch.testing.assert_close(compiled.generate_latents("a", references=refs, seed=1), eager, rtol=1e-4, atol=1e-4)
+
+
+def test_guidance_layouts_are_validated_before_loading(monkeypatch):
+    def config(*overrides):
+        return load_config(SamplingConfig, DEMO, list(overrides))
+
+    assert evaluations_per_step(6.0, None) == 2 and evaluations_per_step(1.0, None) == 1
+    assert evaluations_per_step(6.0, 2.0) == 3
+    with pytest.raises(ValueError, match="cfg_parallel_size: 2 ranks for 1 evaluation"):
+        check_guidance(config("cfg_parallel_size=2", "guidance_scale=1"))
+    with pytest.raises(ValueError, match="cfg_parallel_size: 3 ranks for 2 evaluation"):
+        check_guidance(config("cfg_parallel_size=3"))
+    monkeypatch.setenv("WORLD_SIZE", "6")
+    with pytest.raises(
+        ValueError, match="6 process\\(es\\) do not split into cfg_parallel_size 2 × sequence_parallel_size 2"
+    ):
+        check_guidance(config("cfg_parallel_size=2", "sequence_parallel_size=2"))
+    check_layout(8, sp_size=2, cfg_size=2)  # data 2 × cfg 2 × sp 2
+    with pytest.raises(ValueError, match="sequence_parallel_size > 1"):
+        from sgm.diffusion.step_cache import StepCacheConfig, check_step_cache
+
+        check_step_cache(StepCacheConfig(method="first_block"), sp_size=2)
+
+
+def sample(tmp_path, name: str, processes: int, *extra: str) -> torch.Tensor:
+    """Latents of one demo item made by ``processes`` processes (gloo)."""
+    argv = [
+        *DEMO[:0],
+        "--config",
+        *DEMO,
+        "num_steps=4",
+        "only_save_latents=true",
+        f"output_dir={tmp_path / name}",
+        *extra,
+    ]
+    argv += ["--prompt", "the first object bounces while the second object moves left", "--ref", str(REF), str(REF)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable]
+    if processes > 1:
+        launch += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(free_port())]
+    result = subprocess.run([*launch, "sample_video.py", *argv], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (item,) = (tmp_path / name).iterdir()
+    return load_file(item / "latents.safetensors")["latents"]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    ("processes", "extra"),
+    [
+        (2, ["cfg_parallel_size=2"]),
+        (2, ["cfg_parallel_size=2", "reference_guidance_scale=2.0"]),
+        (4, ["cfg_parallel_size=2", "sequence_parallel_size=2"]),
+    ],
+    ids=["cfg2", "cfg2-reference-guidance", "cfg2xsp2"],
+)
+def test_cfg_parallel_equals_one_process(tmp_path, processes, extra):
+    guidance = [e for e in extra if e.startswith("reference")]
+    one = sample(tmp_path, "one", 1, *guidance)
+    many = sample(tmp_path, "many", processes, *extra)
+    # batch 1 per rank against batch 2 in one process: the same maths, other matmul blockings
+    assert (one - many).abs().max() <= 1e-4 * one.abs().max()
