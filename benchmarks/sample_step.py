@@ -8,7 +8,13 @@ weights (speed does not depend on the values):
   (17 video frames), 2 references: 2,688 tokens per evaluation.
 
 Then the tiny configuration with ``sequence_parallel_size=2`` on 2 gloo processes, reporting the
-share of sampling time spent in the Ulysses all-to-alls. Prints; asserts nothing.
+share of sampling time spent in the Ulysses all-to-alls.
+
+Then the sampling options on the shipped demo model (trained weights, ``configs/sampling/shapes.yaml``,
+its six examples): plain, First Block Cache at each ``--cache-thresholds``, reference guidance at
+``--reference-scales``, and compiled blocks: seconds per video, network evaluations per video
+(batch elements through the DiT; for the cache, those that ran every block), ratios to plain, and
+the PSNR of the decoded videos against plain. Prints; asserts nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -78,7 +85,7 @@ def measure(name: str, steps: int, sp_size: int = 1) -> dict:
         "tokens": tokens,
         "steps": steps,
         "step_s": timings.sampling_s / steps,
-        "evaluations_per_step": 2 * timings.network_calls / steps,
+        "evaluations_per_step": 2 * timings.network_calls / steps,  # the tiny config's CFG: batch 2 per call
         "total_s": total,
         "dit_s": timings.sampling_s,
         "vae_s": timings.references_s + timings.decode_s,
@@ -103,11 +110,81 @@ def report(result: dict) -> None:
     )
 
 
+def batch_counter(counts: Counter, key: str):
+    """A forward pre-hook adding its input's batch size to ``counts[key]`` (evaluations through a module)."""
+
+    def hook(module, args) -> None:
+        counts[key] += args[0].shape[0]
+
+    return hook
+
+
+def demo_options(thresholds: list[float], reference_scales: list[float], compile_blocks: bool) -> None:
+    """The sampling options on the demo model, each against plain in the same run."""
+    from sgm.data.items import parse_line
+    from sgm.data.references import load_reference
+    from sgm.diffusion.step_cache import psnr
+    from sgm.pipeline import KaleidoPipeline, SamplingConfig, Timings
+
+    os.chdir(ROOT)
+    base = ["configs/sampling/shapes.yaml"]
+    lines = (ROOT / "assets/kaleido-shapes/examples/examples.txt").read_text().splitlines()
+    items = [parse_line(n, line, False) for n, line in enumerate(lines) if line.strip()]
+    examples = [(item.prompt, [load_reference(r) for r in item.references]) for item in items]
+    runs = [("plain", [], {})]
+    runs += [(f"cache first_block {t:g}", ["cache.method=first_block", f"cache.threshold={t}"], {}) for t in thresholds]
+    runs += [(f"reference guidance {r:g}", [], {"reference_guidance_scale": r}) for r in reference_scales]
+    if compile_blocks:
+        runs.append(("compile", ["compile=true"], {}))
+    results, plain_videos = [], None
+    for name, overrides, kwargs in runs:
+        pipe = KaleidoPipeline.from_config(load_config(SamplingConfig, base, overrides), device=torch.device("cpu"))
+        counts = Counter()
+        pipe.dit.register_forward_pre_hook(batch_counter(counts, "evaluations"))
+        pipe.dit.transformer.layers[-1].mlp.register_forward_pre_hook(batch_counter(counts, "full"))
+        for n, (prompt, refs) in enumerate(examples):  # warm-up: allocator, and compilation for each token count
+            pipe(prompt, references=refs, seed=1234 + n, **kwargs)
+        counts.clear()
+        videos, timings, start = [], Timings(), time.perf_counter()
+        for n, (prompt, refs) in enumerate(examples):
+            videos.append(pipe(prompt, references=refs, seed=1234 + n, timings=timings, **kwargs))
+        seconds = (time.perf_counter() - start) / len(examples)
+        sampling = timings.sampling_s / len(examples)
+        plain_videos = plain_videos or videos
+        quality = min(psnr(v, p) for v, p in zip(videos, plain_videos, strict=True))
+        # compiled blocks run the MLP inside their graph (no hook fires): without a cache every evaluation is full
+        full = counts["full"] if pipe.step_cache is not None else counts["evaluations"]
+        results.append((name, seconds, sampling, counts["evaluations"] / len(examples), full / len(examples), quality))
+    log.info("demo model, %d examples, %d steps: per video", len(examples), pipe.settings.num_steps)
+    log.info(
+        "| option | s / video | × plain | sampling s / video | × plain | evaluations | full evaluations "
+        "| PSNR vs plain (worst) |"
+    )
+    log.info("|---|---|---|---|---|---|---|---|")
+    plain_s, plain_sampling = results[0][1], results[0][2]
+    for name, seconds, sampling, evaluations, full, quality in results:
+        log.info(
+            "| %s | %.3f | %.2f | %.3f | %.2f | %.0f | %.0f | %s |",
+            name,
+            seconds,
+            seconds / plain_s,
+            sampling,
+            sampling / plain_sampling,
+            evaluations,
+            full,
+            "identical" if quality == float("inf") else f"{quality:.1f} dB",
+        )
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4, help="sampling steps per measurement")
     parser.add_argument("--configs", nargs="+", default=["tiny", "mid"], choices=sorted(CONFIGS))
     parser.add_argument("--sp-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--cache-thresholds", type=float, nargs="*", default=[0.05, 0.1, 0.2])
+    parser.add_argument("--reference-scales", type=float, nargs="*", default=[2.0])
+    parser.add_argument("--no-compile", action="store_true", help="leave compiled blocks out of the options table")
+    parser.add_argument("--only-options", action="store_true", help="only the demo model's sampling options")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("sgm.pipeline").setLevel(logging.ERROR)
@@ -119,6 +196,9 @@ def main(argv=None) -> int:
         return 0
 
     log.info("CPU %s, %d threads", torch.backends.cpu.get_cpu_capability(), torch.get_num_threads())
+    if args.only_options:
+        demo_options(args.cache_thresholds, args.reference_scales, not args.no_compile)
+        return 0
     single = {}
     for name in args.configs:
         single[name] = measure(name, args.steps)
@@ -142,6 +222,7 @@ def main(argv=None) -> int:
         sp["dit_s"],
         100 * sp["communication_s"] / sp["dit_s"],
     )
+    demo_options(args.cache_thresholds, args.reference_scales, not args.no_compile)
     return 0
 
 

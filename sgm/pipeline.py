@@ -102,6 +102,7 @@ class SamplingConfig(ComponentsConfig):
     cfg_parallel_size: int = 1  # 2: a step's guidance evaluations on 2 ranks (world = data × cfg × sp)
     cache: StepCacheConfig = field(default_factory=StepCacheConfig)  # step caching (First Block Cache)
     compile: bool = False  # torch.compile the DiT's blocks (pays on GPUs; measured in benchmarks/sample_step.py)
+    fsdp: bool = False  # shard the DiT's weights over the ranks of a video (CFG × SP group) with FSDP2
 
 
 @dataclass(frozen=True)
@@ -240,6 +241,20 @@ def check_guidance(config: SamplingConfig) -> None:
     check_layout(
         int(os.environ.get("WORLD_SIZE", "1")), sp_size=config.sequence_parallel_size, cfg_size=config.cfg_parallel_size
     )
+    video_ranks = config.sequence_parallel_size * config.cfg_parallel_size
+    if config.fsdp and video_ranks == 1:
+        raise ValueError(
+            "fsdp: shards the DiT over the ranks of one video: set sequence_parallel_size or cfg_parallel_size"
+        )
+    if config.fsdp and config.cfg_parallel_size > 1 and evaluations % config.cfg_parallel_size:
+        raise ValueError(
+            f"fsdp: every rank of a video must run the DiT equally often, and {evaluations} evaluations per step do "
+            f"not split evenly over cfg_parallel_size {config.cfg_parallel_size}"
+        )
+    if config.fsdp and config.cache.method != "none":
+        raise ValueError(
+            "fsdp: step caching decides per rank; the ranks sharing the weights would disagree (cache.method=none)"
+        )
 
 
 def joined_latent_frames(latent_frames: int, *, segments: int, overlap: int) -> int:
@@ -345,6 +360,23 @@ def load_dit(
     return dit
 
 
+def shard_dit(dit: KaleidoDiT, parallel: ParallelState, device: torch.device) -> None:
+    """FSDP2 (``fully_shard``) over the ranks of one video: each rank keeps ``1/n`` of every block's
+    weights and gathers a block's full weights just before running it (freed after). Every rank of
+    the group runs the same network calls in the same order (SP ranks by construction, CFG ranks
+    when the evaluations split evenly: ``check_guidance``), so the gathers match."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = DeviceMesh.from_group(parallel.video_group, device.type)
+    for layer in dit.transformer.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(dit, mesh=mesh)  # the rest (embeddings, modulation, head): gathered for the whole call
+    local = sum(p.to_local().numel() * p.element_size() for p in dit.parameters())
+    full = sum(p.numel() * p.element_size() for p in dit.parameters())
+    log.info("fsdp: %d of %d DiT weight bytes held by this rank (%d ranks)", local, full, mesh.size())
+
+
 def compile_blocks(dit: KaleidoDiT) -> None:
     """``torch.compile`` each transformer block in place (one graph per block: the same code for
     every layer, so one compilation serves all)."""
@@ -448,6 +480,8 @@ class KaleidoPipeline:
         deltas = [d for entry in config.lora for d in load_lora(entry.path, dit, entry.scale)]
         loras = apply_loras(dit, deltas, config.lora_mode) if deltas else None
         enable_sequence_parallel(dit, parallel)
+        if config.fsdp:
+            shard_dit(dit, parallel, device)
         text_config = dataclasses.replace(config.text_encoder, path=components.text_encoder_path)
         if components.text_max_length and config.text_encoder.max_length == TextEncoderConfig.max_length:
             text_config.max_length = components.text_max_length

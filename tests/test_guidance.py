@@ -2,6 +2,7 @@
 switched off is the plain sampler."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -153,6 +154,9 @@ def sample(tmp_path, name: str, processes: int, *extra: str) -> torch.Tensor:
         launch += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(free_port())]
     result = subprocess.run([*launch, "sample_video.py", *argv], cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
+    if "fsdp=true" in extra:  # each rank holds half of the weights (up to padding of odd-sized rows)
+        held = re.findall(r"fsdp: (\d+) of (\d+) DiT weight bytes held by this rank \(2 ranks\)", result.stderr)
+        assert len(held) == 2 and all(abs(int(a) / int(b) - 0.5) < 0.01 for a, b in held), held
     (item,) = (tmp_path / name).iterdir()
     return load_file(item / "latents.safetensors")["latents"]
 
@@ -164,8 +168,10 @@ def sample(tmp_path, name: str, processes: int, *extra: str) -> torch.Tensor:
         (2, ["cfg_parallel_size=2"]),
         (2, ["cfg_parallel_size=2", "reference_guidance_scale=2.0"]),
         (4, ["cfg_parallel_size=2", "sequence_parallel_size=2"]),
+        (2, ["cfg_parallel_size=2", "fsdp=true"]),
+        (2, ["sequence_parallel_size=2", "fsdp=true"]),
     ],
-    ids=["cfg2", "cfg2-reference-guidance", "cfg2xsp2"],
+    ids=["cfg2", "cfg2-reference-guidance", "cfg2xsp2", "cfg2-fsdp", "sp2-fsdp"],
 )
 def test_cfg_parallel_equals_one_process(tmp_path, processes, extra):
     guidance = [e for e in extra if e.startswith("reference")]
