@@ -48,6 +48,7 @@ from sgm.diffusion.schedules import SAMPLING_SHIFT, shifted_schedule
 from sgm.diffusion.step_cache import StepCache, StepCacheConfig, check_step_cache
 from sgm.geometry import VideoGeometry
 from sgm.lora import LORA_FILE, LORA_INFO_FILE, AppliedLoras, LoraConfig, apply_loras, load_lora
+from sgm.memory import BlockStreamer, MemoryConfig, TierSettings, stream_dit_blocks, tier_settings
 from sgm.models.wan_vae import VAEConfig, WanVAE, build_vae, default_vae_config, read_vae_strides, vae_strides
 from sgm.modules.attention import attention_heads
 from sgm.modules.dit import DiTConfig, KaleidoDiT
@@ -103,6 +104,7 @@ class SamplingConfig(ComponentsConfig):
     cache: StepCacheConfig = field(default_factory=StepCacheConfig)  # step caching (First Block Cache)
     compile: bool = False  # torch.compile the DiT's blocks (pays on GPUs; measured in benchmarks/sample_step.py)
     fsdp: bool = False  # shard the DiT's weights over the ranks of a video (CFG × SP group) with FSDP2
+    memory: MemoryConfig = field(default_factory=MemoryConfig)  # tier: full | balanced | low | lowest
 
 
 @dataclass(frozen=True)
@@ -320,6 +322,7 @@ def validate_sampling(config: SamplingConfig, components: Components) -> None:
     check_prompt_extend(config.prompt_extend)
     check_guidance(config)
     check_step_cache(config.cache, sp_size=config.sequence_parallel_size)
+    check_memory(config)
     if config.lora_mode not in LORA_MODES:
         raise ValueError(f"lora_mode: expected one of {', '.join(LORA_MODES)}, got '{config.lora_mode}'")
     for n, entry in enumerate(config.lora):
@@ -358,6 +361,43 @@ def load_dit(
         dit = dit.to(device)
         log.info("loaded DiT weights from %s", load)
     return dit
+
+
+def check_memory(config: SamplingConfig) -> None:
+    """Raise ``ValueError`` for a memory tier that cannot work with the rest of the config."""
+    tier = tier_settings(config.memory)
+    if tier.blocks_resident is None:
+        return
+    clashes = {"fsdp": config.fsdp, "compile": config.compile}
+    if tier.from_disk:
+        clashes["lora"] = bool(config.lora)  # merged or adapted weights would be read back from disk unchanged
+        if not config.load:
+            raise ValueError("memory.tier=lowest streams the DiT's blocks from load=...: no checkpoint is set")
+    for key, on in clashes.items():
+        if on:
+            raise ValueError(f"memory.tier={config.memory.tier} moves the DiT's blocks; it does not combine with {key}")
+
+
+def offload_blocks(dit: KaleidoDiT, device: torch.device, tier: TierSettings, prefetch: bool) -> None:
+    """Block swap from host memory with diffusers' group offloading: the blocks live on the CPU and
+    ``tier.blocks_resident`` of them are copied to ``device`` at a time (on a side stream, ahead of
+    use, on CUDA); the rest of the DiT stays on ``device``."""
+    from diffusers.hooks import apply_group_offloading
+
+    for name, child in dit.named_children():
+        if name != "transformer":
+            child.to(device)
+    if device.type == "cpu":
+        log.info("memory: block swap moves blocks between host and device memory: nothing to do on the CPU")
+        return
+    apply_group_offloading(
+        dit.transformer,
+        onload_device=device,
+        offload_device=torch.device("cpu"),
+        offload_type="block_level",
+        num_blocks_per_group=tier.blocks_resident,
+        use_stream=prefetch,
+    )
 
 
 def shard_dit(dit: KaleidoDiT, parallel: ParallelState, device: torch.device) -> None:
@@ -450,6 +490,7 @@ class KaleidoPipeline:
         self.max_references = max_references
         self.loras: AppliedLoras | None = None  # the LoRAs of the config: .set_scale(), .remove()
         self.step_cache: StepCache | None = None  # the config's step cache: .full_evaluations, .remove()
+        self.streamer: BlockStreamer | None = None  # memory.tier=lowest: the blocks read from disk as they run
         if (vae.temporal_stride, vae.spatial_stride) != (self.geometry.temporal_stride, self.geometry.spatial_stride):
             raise ValueError(
                 f"the VAE's strides ({vae.temporal_stride}, {vae.spatial_stride}) differ from the geometry's "
@@ -476,17 +517,33 @@ class KaleidoPipeline:
                 "no DiT checkpoint (load=...): %s has RANDOM weights, the videos will be noise", components.name
             )
         parallel = parallel or ParallelState()
-        dit = load_dit(components, config.load, device)
+        memory = tier_settings(config.memory)
+        streamer = None
+        if memory.from_disk:  # the blocks are read from the file when they run: never all in memory
+            dit = build_dit(components.arch, device="meta", dtype=components.dtype)
+            streamer = stream_dit_blocks(
+                dit, config.load, device=device, resident=memory.blocks_resident, prefetch=config.memory.prefetch
+            )
+        elif memory.blocks_resident is not None:
+            dit = load_dit(components, config.load, "cpu")
+            offload_blocks(dit, device, memory, config.memory.prefetch)
+        else:
+            dit = load_dit(components, config.load, device)
         deltas = [d for entry in config.lora for d in load_lora(entry.path, dit, entry.scale)]
         loras = apply_loras(dit, deltas, config.lora_mode) if deltas else None
         enable_sequence_parallel(dit, parallel)
         if config.fsdp:
             shard_dit(dit, parallel, device)
         text_config = dataclasses.replace(config.text_encoder, path=components.text_encoder_path)
+        if config.memory.tier != "full":
+            text_config.placement = memory.text_encoder
         if components.text_max_length and config.text_encoder.max_length == TextEncoderConfig.max_length:
             text_config.max_length = components.text_max_length
         text_encoder = build_text_encoder(text_config, device)
-        vae = build_vae(dataclasses.replace(config.vae, path=components.vae_path), device)
+        vae = build_vae(
+            dataclasses.replace(config.vae, path=components.vae_path, tiling=config.vae.tiling or memory.vae_tiling),
+            device,
+        )
         settings = SamplerSettings(
             num_steps=config.num_steps,
             guidance_scale=config.guidance_scale,
@@ -511,6 +568,7 @@ class KaleidoPipeline:
             max_references=config.max_references,
         )
         pipe.loras = loras
+        pipe.streamer = streamer
         if config.compile:
             compile_blocks(dit)
         if config.cache.method != "none":

@@ -1,0 +1,228 @@
+"""Memory tiers for sampling: what stays on the device, what waits on the host or on disk.
+
+    memory:
+      tier: balanced        # full | balanced | low | lowest
+      blocks_resident: 4    # expert: DiT blocks on the device at once (low, lowest)
+
+| tier     | text encoder                    | VAE decode | DiT blocks                                           |
+|----------|---------------------------------|------------|------------------------------------------------------|
+| full     | on the device                   | whole      | all on the device                                    |
+| balanced | on the device only to encode    | tiled      | all on the device                                    |
+| low      | on the device only to encode    | tiled      | ``blocks_resident`` at a time, from host memory      |
+| lowest   | on the CPU                      | tiled      | one at a time (and the next one read ahead), from disk |
+
+``low`` uses diffusers' ``apply_group_offloading`` (block level, with a side stream for prefetch
+on CUDA) on the DiT's blocks: it works on any ``nn.Module``. ``lowest`` is ours: diffusers' disk
+offload writes each group's tensors from a model that is already in memory, so the whole model
+would be held once; here the blocks never are. The DiT is built on the meta device, the weights
+outside the blocks are read from the checkpoint's safetensors file, and each block's tensors are
+read just before the block runs and dropped after it (``BlockStreamer``), so the process holds a
+block or two and never the model. The maths is unchanged: every tier samples the same latent
+(bit for bit in float32: tested).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sgm.checkpoint import ENGINE_PREFIX, IGNORED_PREFIXES, resolve_checkpoint
+
+log = logging.getLogger(__name__)
+
+MEMORY_TIERS = ("full", "balanced", "low", "lowest")
+BLOCKS_PREFIX = "transformer.layers."
+
+
+@dataclass
+class MemoryConfig:
+    """The ``memory:`` section of a sampling config."""
+
+    tier: str = "full"  # full | balanced | low | lowest
+    blocks_resident: int | None = None  # DiT blocks on the device at once (low: 4, lowest: 1); None: the tier's
+    prefetch: bool = True  # read / copy the next block while one runs
+
+
+@dataclass(frozen=True)
+class TierSettings:
+    text_encoder: str  # a text_encoder.placement
+    vae_tiling: bool
+    blocks_resident: int | None  # None: every block stays on the device
+    from_disk: bool
+
+
+def tier_settings(config: MemoryConfig) -> TierSettings:
+    """What ``config.tier`` moves where (``blocks_resident`` overrides the tier's block count)."""
+    tier = config.tier
+    if tier not in MEMORY_TIERS:
+        raise ValueError(f"memory.tier: expected one of {', '.join(MEMORY_TIERS)}, got '{tier}'")
+    if config.blocks_resident is not None and config.blocks_resident < 1:
+        raise ValueError(f"memory.blocks_resident: expected 1 or more, got {config.blocks_resident}")
+    default_blocks = {"full": None, "balanced": None, "low": 4, "lowest": 1}[tier]
+    blocks = config.blocks_resident if tier in ("low", "lowest") and config.blocks_resident else default_blocks
+    return TierSettings(
+        text_encoder={"full": "device", "balanced": "offload", "low": "offload", "lowest": "cpu"}[tier],
+        vae_tiling=tier != "full",
+        blocks_resident=blocks,
+        from_disk=tier == "lowest",
+    )
+
+
+def safetensors_files(load: str) -> dict[str, Path]:
+    """Tensor name -> file of a ``.safetensors`` checkpoint (one file or a sharded index); ValueError otherwise."""
+    path = resolve_checkpoint(load)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as handle:
+            return dict.fromkeys(handle.keys(), path)
+    if path.name.endswith(".safetensors.index.json"):
+        index = json.loads(path.read_text())["weight_map"]
+        return {name: path.parent / file for name, file in index.items()}
+    raise ValueError(
+        f"memory.tier=lowest streams the DiT's blocks from a .safetensors file, and {load} is {path.name} "
+        "(write one with merge_kaleido.py --format safetensors or tools/convert.py)"
+    )
+
+
+def _bare(name: str) -> str | None:
+    """A checkpoint key as a DiT parameter name (engine prefix stripped), None for keys that are not the DiT's."""
+    if name.startswith(ENGINE_PREFIX):
+        return name[len(ENGINE_PREFIX) :]
+    return None if name.startswith(IGNORED_PREFIXES) else name
+
+
+def read_tensors(files: dict[str, Path], wanted: Callable[[str], bool], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors whose bare names ``wanted`` accepts, read file by file and cast to ``dtype``.
+
+    Each file is opened, read and closed: a mapping left open would keep the file's pages counted
+    in the process's memory after they were read."""
+    from safetensors import safe_open
+
+    by_file: dict[Path, list[str]] = {}
+    for name, file in files.items():
+        bare = _bare(name)
+        if bare is not None and wanted(bare):
+            by_file.setdefault(file, []).append(name)
+    out = {}
+    for file, names in by_file.items():
+        with safe_open(str(file), "pt") as handle:
+            for name in names:
+                out[_bare(name)] = handle.get_tensor(name).to(dtype)
+    return out
+
+
+class BlockStreamer:
+    """Keeps the DiT's blocks out of memory and brings each in just before it runs.
+
+    ``load(i)`` returns block ``i``'s tensors (names relative to the block). At most
+    ``resident`` blocks hold weights at once (plus one being read ahead with ``prefetch``);
+    ``max_resident`` records the most seen, for tests and benchmarks.
+    """
+
+    def __init__(
+        self,
+        layers: nn.ModuleList,
+        load: Callable[[int], dict[str, torch.Tensor]],
+        *,
+        device: torch.device,
+        resident: int = 1,
+        prefetch: bool = True,
+    ):
+        self.layers, self.load_block, self.device = layers, load, device
+        self.resident, self.prefetch = resident, prefetch
+        self.loaded: list[int] = []  # oldest first
+        self.max_resident = 0
+        self.reads = 0
+        self._pool = ThreadPoolExecutor(1) if prefetch else None
+        self._ahead: dict[int, object] = {}  # block index -> Future of its tensors
+        self._hooks = []
+        for i, layer in enumerate(layers):
+            layer.to("meta")
+            self._hooks.append(layer.register_forward_pre_hook(self._before(i)))
+            self._hooks.append(layer.register_forward_hook(self._after(i)))
+
+    def _read(self, i: int) -> dict[str, torch.Tensor]:
+        self.reads += 1
+        return {k: v.to(self.device, non_blocking=True) for k, v in self.load_block(i).items()}
+
+    def _before(self, i: int):
+        def hook(module, args):
+            if i not in self.loaded:
+                future = self._ahead.pop(i, None)
+                tensors = future.result() if future is not None else self._read(i)
+                module.load_state_dict(tensors, strict=True, assign=True)
+                self.loaded.append(i)
+                self.max_resident = max(self.max_resident, len(self.loaded))
+            following = (i + 1) % len(self.layers)  # after the last block: the first, for the next step
+            if self._pool is not None and following not in self.loaded and following not in self._ahead:
+                self._ahead[following] = self._pool.submit(self._read, following)
+
+        return hook
+
+    def _after(self, i: int):
+        def hook(module, args, output):
+            while len(self.loaded) >= self.resident:  # the oldest go back to the meta device (memory freed)
+                self.layers[self.loaded.pop(0)].to("meta")
+            return output
+
+        return hook
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
+def stream_dit_blocks(
+    dit: nn.Module, load: str, *, device: torch.device, resident: int, prefetch: bool
+) -> BlockStreamer:
+    """Fill a meta-device ``dit`` from the safetensors checkpoint ``load``: the weights outside the
+    blocks now (strict: every one must be there), the blocks' when they run."""
+    files = safetensors_files(load)
+    dtype = next(iter(dit.parameters())).dtype
+    rest = read_tensors(files, lambda name: not name.startswith(BLOCKS_PREFIX), dtype)
+    expected = {n for n, _ in dit.named_parameters() if not n.startswith(BLOCKS_PREFIX)}
+    expected |= {n for n, _ in dit.named_buffers(remove_duplicate=True) if not n.startswith(BLOCKS_PREFIX)}
+    missing = sorted(n for n, p in dit.named_parameters() if not n.startswith(BLOCKS_PREFIX) and n not in rest)
+    if missing:
+        raise ValueError(f"{load}: missing DiT weights {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    unexpected = sorted(set(rest) - expected)
+    if unexpected:
+        raise ValueError(f"{load}: unexpected keys {', '.join(unexpected[:5])}")
+    layers = dit.transformer.layers
+    for name, tensor in rest.items():  # the modules outside the blocks get their real tensors
+        owner, _, leaf = name.rpartition(".")
+        module = dit.get_submodule(owner)
+        if isinstance(getattr(module, leaf), nn.Parameter):
+            setattr(module, leaf, nn.Parameter(tensor.to(device), requires_grad=False))
+        else:
+            setattr(module, leaf, tensor.to(device))
+    block_names = [{n for n, _ in layer.named_parameters()} for layer in layers]
+    stored = [set() for _ in layers]  # from the files' key lists (no tensor read): refused now, not mid-video
+    for name in files:
+        bare = _bare(name)
+        if bare is not None and bare.startswith(BLOCKS_PREFIX):
+            index, _, rest_of_name = bare[len(BLOCKS_PREFIX) :].partition(".")
+            if int(index) < len(stored):
+                stored[int(index)].add(rest_of_name)
+    for i, names in enumerate(stored):
+        if names != block_names[i]:
+            odd = sorted(names ^ block_names[i])[:5]
+            raise ValueError(f"{load}: block {i}: {', '.join(odd)} missing or unexpected")
+
+    def load_block(i: int) -> dict[str, torch.Tensor]:
+        prefix = f"{BLOCKS_PREFIX}{i}."
+        tensors = read_tensors(files, lambda name: name.startswith(prefix), dtype)
+        tensors = {name[len(prefix) :]: t for name, t in tensors.items()}
+        return tensors
+
+    return BlockStreamer(layers, load_block, device=device, resident=resident, prefetch=prefetch)

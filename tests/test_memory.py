@@ -1,0 +1,91 @@
+"""Memory tiers: every tier samples what the full tier samples; the lowest holds at most its blocks."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sat.config import load_config
+from sgm.data.references import load_reference
+from sgm.memory import MemoryConfig, tier_settings
+from sgm.pipeline import KaleidoPipeline, SamplingConfig, resolve_components, validate_sampling
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = [str(ROOT / "configs/sampling/shapes.yaml")]
+REF = ROOT / "assets/kaleido-shapes/examples/heldout_00009_ref1.png"
+
+
+def demo_config(*overrides: str) -> SamplingConfig:
+    config = load_config(SamplingConfig, DEMO, ["num_steps=3", *overrides])
+    config.text_encoder.path = str(ROOT / config.text_encoder.path)
+    config.vae.path = str(ROOT / config.vae.path)
+    config.load = str(ROOT / config.load) if not Path(config.load).is_absolute() else config.load
+    return config
+
+
+def sample(pipe: KaleidoPipeline) -> torch.Tensor:
+    return pipe.generate_latents("the first object bounces", references=[load_reference(str(REF))], seed=2)
+
+
+@pytest.fixture(scope="module")
+def full():
+    return sample(KaleidoPipeline.from_config(demo_config(), device="cpu"))
+
+
+def test_what_each_tier_moves():
+    assert tier_settings(MemoryConfig("full")) == tier_settings(MemoryConfig("full", blocks_resident=2))
+    assert tier_settings(MemoryConfig("balanced")).text_encoder == "offload"
+    assert tier_settings(MemoryConfig("low")).blocks_resident == 4
+    lowest = tier_settings(MemoryConfig("lowest", blocks_resident=3))
+    assert (lowest.blocks_resident, lowest.from_disk, lowest.text_encoder, lowest.vae_tiling) == (3, True, "cpu", True)
+    with pytest.raises(ValueError, match="memory.tier: expected one of full, balanced, low, lowest"):
+        tier_settings(MemoryConfig("tiny"))
+
+
+@pytest.mark.parametrize("tier", ["balanced", "low", "lowest"])
+def test_every_tier_samples_the_full_tiers_latent_exactly(full, tier):
+    pipe = KaleidoPipeline.from_config(demo_config(f"memory.tier={tier}"), device="cpu")
+    assert torch.equal(sample(pipe), full)  # float32: bit for bit
+    if tier != "full":
+        assert pipe.conditioner.encoder.placement.value == tier_settings(MemoryConfig(tier)).text_encoder
+
+
+@pytest.mark.parametrize("resident", [1, 2])
+def test_lowest_never_holds_more_blocks_than_its_limit(full, resident):
+    pipe = KaleidoPipeline.from_config(
+        demo_config("memory.tier=lowest", f"memory.blocks_resident={resident}"), device="cpu"
+    )
+    layers = pipe.dit.transformer.layers
+    seen = []
+
+    def count(module, args):  # counted independently of the streamer: blocks whose weights are real now
+        seen.append(sum(not next(layer.parameters()).is_meta for layer in layers))
+
+    # registered after the streamer's hooks: runs once the block about to run has been read
+    hooks = [layer.register_forward_pre_hook(count) for layer in layers]
+    assert torch.equal(sample(pipe), full)
+    assert len(seen) == 3 * len(layers) and max(seen) == resident and min(seen) >= 1
+    assert all(next(layer.parameters()).is_meta for layer in layers[: len(layers) - resident + 1])
+    assert pipe.streamer.max_resident == resident
+    for hook in hooks:
+        hook.remove()
+
+
+def test_lowest_needs_a_safetensors_file_with_every_weight(tmp_path):
+    state = load_file(str(ROOT / "assets/kaleido-shapes/dit.safetensors"))
+    card = ROOT / "assets/kaleido-shapes/kaleido_model.json"
+    (tmp_path / card.name).write_text(card.read_text())  # the architecture, beside the weights
+    torch.save(state, tmp_path / "dit.pt")
+    with pytest.raises(ValueError, match="streams the DiT's blocks from a .safetensors file"):
+        KaleidoPipeline.from_config(demo_config("memory.tier=lowest", f"load={tmp_path / 'dit.pt'}"), device="cpu")
+    broken = dict(state)
+    broken.pop("transformer.layers.1.mlp.dense_4h_to_h.weight")
+    save_file(broken, str(tmp_path / "broken.safetensors"))
+    with pytest.raises(ValueError, match="block 1: mlp.dense_4h_to_h.weight missing or unexpected"):
+        KaleidoPipeline.from_config(  # refused at load, from the file's key list, not in the middle of a video
+            demo_config("memory.tier=lowest", f"load={tmp_path / 'broken.safetensors'}"), device="cpu"
+        )
+    config = demo_config("memory.tier=lowest", f"lora=[{{path: {tmp_path / 'broken.safetensors'}}}]")
+    with pytest.raises(ValueError, match="memory.tier=lowest moves the DiT's blocks; it does not combine with lora"):
+        validate_sampling(config, resolve_components(config))
