@@ -46,7 +46,16 @@ from sgm.data.items import (
     write_item,
 )
 from sgm.data.references import ReferenceError, load_reference
-from sgm.pipeline import KaleidoPipeline, SamplingConfig, Timings, resolve_components, validate_sampling
+from sgm.pipeline import (
+    KaleidoPipeline,
+    SamplingConfig,
+    Timings,
+    choose_tier,
+    memory_plans,
+    plan_table,
+    resolve_components,
+    validate_sampling,
+)
 from sgm.prompt_extend import extend_prompt
 from sgm.registry import resolve_device
 
@@ -72,9 +81,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only-save-latents", action=argparse.BooleanOptionalAction, default=None, help="write latents, not mp4"
     )
+    parser.add_argument(
+        "--plan", action="store_true", help="print the planned peak device memory of every memory tier and exit"
+    )
+    parser.add_argument("--vram", type=float, metavar="GIB", help="with --plan: mark the fastest tier that fits")
     args, config = parse_config(parser, SamplingConfig, argv)
     if args.only_save_latents is not None:
         config.only_save_latents = args.only_save_latents
+    if args.plan:
+        try:
+            components = resolve_components(config, planning=True)
+            plans = memory_plans(config, components)
+            chosen = choose_tier(plans, args.vram) if args.vram else None
+        except ValueError as exc:
+            parser.exit(2, f"error: {exc}\n")
+        height, width = config.sampling_image_size
+        frames = components.geometry.video_frames(config.sampling_num_frames)
+        print(
+            f"{components.name} ({components.dtype}), {height}x{width}x{frames}, {config.max_references} references, "
+            f"guidance {config.guidance_scale}, sp {config.sequence_parallel_size}, cfg {config.cfg_parallel_size}, "
+            f"fsdp {config.fsdp}: planned peak device memory (GiB)"
+        )
+        print("\n".join(plan_table(plans, chosen.tier if chosen else None)))
+        if chosen:
+            print(f"--vram {args.vram:g}: memory.tier={chosen.tier} (planned peak {chosen.peak / 2**30:.1f} GiB)")
+        return 0
     try:
         components = resolve_components(config)
         validate_sampling(config, components)

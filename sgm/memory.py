@@ -45,7 +45,8 @@ BLOCKS_PREFIX = "transformer.layers."
 class MemoryConfig:
     """The ``memory:`` section of a sampling config."""
 
-    tier: str = "full"  # full | balanced | low | lowest
+    tier: str = "full"  # full | balanced | low | lowest | auto (the fastest whose planned peak fits vram_gib)
+    vram_gib: float | None = None  # auto: the device memory to fit in
     blocks_resident: int | None = None  # DiT blocks on the device at once (low: 4, lowest: 1); None: the tier's
     prefetch: bool = True  # read / copy the next block while one runs
 
@@ -226,3 +227,100 @@ def stream_dit_blocks(
         return tensors
 
     return BlockStreamer(layers, load_block, device=device, resident=resident, prefetch=prefetch)
+
+
+# ---------------------------------------------------------------------------------------------
+# The memory plan: peak device memory per tier, from the architecture and the request alone
+
+UMT5_XXL = {"d_model": 4096, "d_ff": 10240, "num_layers": 24, "vocab_size": 256384, "num_heads": 64, "d_kv": 64}
+VAE_DECODE_TENSORS = 8  # live full-resolution feature maps while decoding a chunk (rough, see vae_decode_bytes)
+VAE_TOP_CHANNELS = 96  # the Wan VAE decoder's channels at full resolution
+VAE_TILE = 256  # diffusers' AutoencoderKLWan tile size in pixels (tile_sample_min_height/width)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Estimated peak device bytes of one tier, by phase and by what takes the memory."""
+
+    tier: str
+    dit_resident: float  # DiT weights on the device while sampling (the streamed tiers: the rest + their blocks)
+    block_group: float  # the blocks on the device at once (streamed tiers; included in dit_resident)
+    activations: float  # one block's working set at this token count (inference)
+    attention: float  # fused attention's workspace (softmax statistics)
+    text_encoder: float  # while encoding (0: on the CPU)
+    vae_decode: float  # decoder working set (tiled for every tier but full)
+    encode_peak: float
+    sample_peak: float
+    decode_peak: float
+
+    @property
+    def peak(self) -> float:
+        return max(self.encode_peak, self.sample_peak, self.decode_peak)
+
+
+def umt5_encoder_parameters(
+    *, d_model: int, d_ff: int, num_layers: int, vocab_size: int, num_heads: int, d_kv: int, buckets: int = 32
+) -> int:
+    """Parameters of a umT5 encoder: embeddings, per layer attention (q, k, v, o), gated FFN (3
+    matrices), two norms and a relative-position bias (``buckets`` per head), and the final norm."""
+    inner = num_heads * d_kv
+    per_layer = 4 * d_model * inner + 3 * d_model * d_ff + 2 * d_model + buckets * num_heads
+    return vocab_size * d_model + num_layers * per_layer + d_model
+
+
+def block_activation_bytes(*, tokens: int, batch: int, hidden: int, ffn: int, bytes_per_value: int) -> float:
+    """One block's working set without gradients: its input plus the larger of the attention half
+    (normed input, q, k, v, attention output, RoPE temporaries: 6 D-wide) and the MLP half (normed
+    input and output, D-wide, and the FFN's hidden before and after GELU)."""
+    values = batch * tokens * (hidden + max(6 * hidden, 2 * hidden + 2 * ffn))
+    return values * bytes_per_value
+
+
+def vae_decode_bytes(*, height: int, width: int, temporal_stride: int, tiled: bool, bytes_per_value: int) -> float:
+    """A rough working set of the Wan VAE decoder: it decodes one latent frame at a time into
+    ``temporal_stride`` frames, holding about ``VAE_DECODE_TENSORS`` feature maps of
+    ``VAE_TOP_CHANNELS`` channels at full resolution (with its causal caches); tiled, a tile of
+    ``VAE_TILE`` pixels (plus its overlap) instead of the frame."""
+    h, w = (min(height, VAE_TILE * 1.25), min(width, VAE_TILE * 1.25)) if tiled else (height, width)
+    return VAE_DECODE_TENSORS * VAE_TOP_CHANNELS * temporal_stride * h * w * bytes_per_value
+
+
+def plan_tier(
+    tier: str,
+    *,
+    block_bytes: float,
+    rest_bytes: float,
+    num_layers: int,
+    blocks_resident: int | None,
+    activations: float,
+    attention: float,
+    latents: float,
+    text_encoder: float,
+    vae: float,
+    vae_decode_full: float,
+    vae_decode_tiled: float,
+) -> MemoryPlan:
+    """Phase peaks of ``tier`` (see the module's table): the text encoder is on the device only
+    while encoding from ``balanced`` on, and on the CPU in ``lowest``; block swap keeps
+    ``blocks_resident`` blocks plus the next group being copied in."""
+    settings = tier_settings(MemoryConfig(tier, blocks_resident=blocks_resident))
+    if settings.blocks_resident is None:
+        group, dit = 0.0, rest_bytes + num_layers * block_bytes
+    else:
+        group = min(num_layers, 2 * settings.blocks_resident) * block_bytes  # resident + read ahead
+        dit = rest_bytes + group
+    text = 0.0 if settings.text_encoder == "cpu" else text_encoder
+    text_while_sampling = text if settings.text_encoder == "device" else 0.0
+    decode = vae_decode_tiled if settings.vae_tiling else vae_decode_full
+    return MemoryPlan(
+        tier=tier,
+        dit_resident=dit,
+        block_group=group,
+        activations=activations,
+        attention=attention,
+        text_encoder=text,
+        vae_decode=decode,
+        encode_peak=dit + text + vae,
+        sample_peak=dit + text_while_sampling + vae + activations + attention + latents,
+        decode_peak=dit + text_while_sampling + vae + decode + latents,
+    )

@@ -48,14 +48,27 @@ from sgm.diffusion.schedules import SAMPLING_SHIFT, shifted_schedule
 from sgm.diffusion.step_cache import StepCache, StepCacheConfig, check_step_cache
 from sgm.geometry import VideoGeometry
 from sgm.lora import LORA_FILE, LORA_INFO_FILE, AppliedLoras, LoraConfig, apply_loras, load_lora
-from sgm.memory import BlockStreamer, MemoryConfig, TierSettings, stream_dit_blocks, tier_settings
+from sgm.memory import (
+    MEMORY_TIERS,
+    UMT5_XXL,
+    BlockStreamer,
+    MemoryConfig,
+    MemoryPlan,
+    TierSettings,
+    block_activation_bytes,
+    plan_tier,
+    stream_dit_blocks,
+    tier_settings,
+    umt5_encoder_parameters,
+    vae_decode_bytes,
+)
 from sgm.models.wan_vae import VAEConfig, WanVAE, build_vae, default_vae_config, read_vae_strides, vae_strides
 from sgm.modules.attention import attention_heads
 from sgm.modules.dit import DiTConfig, KaleidoDiT
 from sgm.modules.encoders.conditioner import WAN_NEGATIVE_PROMPT, TextConditioner
 from sgm.modules.encoders.text import TextEncoderConfig, build_text_encoder
 from sgm.prompt_extend import PromptExtendConfig, check_prompt_extend
-from sgm.registry import ModelConfig, build_dit, model_dtype, resolve_device, resolve_model
+from sgm.registry import ModelConfig, build_dit, model_dtype, resolve_device, resolve_dtype, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -363,8 +376,96 @@ def load_dit(
     return dit
 
 
+def memory_plans(config: SamplingConfig, components: Components) -> list[MemoryPlan]:
+    """The plan of every tier for ``config``'s model, size, frames, ``max_references`` references,
+    guidance and parallel layout (weights, block, activations, attention, text encoder, VAE)."""
+    arch, geometry = components.arch, components.geometry
+    meta = build_dit(arch, device="meta", dtype=components.dtype)
+    bytes_per_value = torch.empty(0, dtype=components.dtype).element_size()
+    block = sum(p.numel() for p in meta.transformer.layers[0].parameters()) * bytes_per_value
+    total = sum(p.numel() for p in meta.parameters()) * bytes_per_value
+    shards = config.sequence_parallel_size * config.cfg_parallel_size if config.fsdp else 1
+    height, width = config.sampling_image_size
+    tokens = geometry.tokens(
+        height=height, width=width, latent_frames=config.sampling_num_frames, references=config.max_references
+    )
+    local_tokens = math.ceil(tokens / config.sequence_parallel_size)
+    evaluations = evaluations_per_step(config.guidance_scale, config.reference_guidance_scale)
+    batch = min(2, math.ceil(evaluations / config.cfg_parallel_size))  # the largest batch of one network call
+    latent_values = geometry.latent_shape(
+        height=height, width=width, latent_frames=config.sampling_num_frames, channels=arch.in_channels
+    )
+    text_folder = Path(components.text_encoder_path or "")
+    shape = UMT5_XXL
+    if (text_folder / "config.json").is_file():
+        raw = json.loads((text_folder / "config.json").read_text())
+        shape = {key: raw.get(key, value) for key, value in UMT5_XXL.items()}
+    text_bytes = torch.empty(0, dtype=resolve_dtype(config.text_encoder.dtype)).element_size()
+    vae_bytes = torch.empty(0, dtype=resolve_dtype(config.vae.dtype)).element_size()
+    vae_file = Path(components.vae_path or "")
+    vae_weights = vae_file.stat().st_size / 4 * vae_bytes if vae_file.is_file() else 127e6 * vae_bytes
+    common = {
+        "block_bytes": block / shards,
+        "rest_bytes": (total - arch.num_layers * block) / shards,
+        "num_layers": arch.num_layers,
+        "blocks_resident": config.memory.blocks_resident,
+        "activations": block_activation_bytes(
+            tokens=local_tokens,
+            batch=batch,
+            hidden=arch.hidden_size,
+            ffn=arch.inner_hidden_size,
+            bytes_per_value=bytes_per_value,
+        ),
+        "attention": batch * arch.num_attention_heads * tokens * 4,  # fp32 softmax statistics per query
+        "latents": 4 * 4 * batch * math.prod(latent_values),  # float32 state, velocity, their halves
+        "text_encoder": umt5_encoder_parameters(**shape) * text_bytes,
+        "vae": vae_weights,
+        "vae_decode_full": vae_decode_bytes(
+            height=height, width=width, temporal_stride=geometry.temporal_stride, tiled=False, bytes_per_value=vae_bytes
+        ),
+        "vae_decode_tiled": vae_decode_bytes(
+            height=height, width=width, temporal_stride=geometry.temporal_stride, tiled=True, bytes_per_value=vae_bytes
+        ),
+    }
+    return [plan_tier(tier, **common) for tier in MEMORY_TIERS]
+
+
+def choose_tier(plans: list[MemoryPlan], vram_gib: float) -> MemoryPlan:
+    """The fastest tier (the first of ``MEMORY_TIERS``) whose planned peak fits ``vram_gib``."""
+    for plan in plans:
+        if plan.peak <= vram_gib * 2**30:
+            return plan
+    lowest = plans[-1]
+    raise ValueError(
+        f"memory.vram_gib: no tier fits {vram_gib:g} GiB; the lowest needs about {lowest.peak / 2**30:.1f} GiB "
+        "(fewer frames, a smaller size, fewer references or sequence parallelism lower it)"
+    )
+
+
+def plan_table(plans: list[MemoryPlan], chosen: str | None = None) -> list[str]:
+    """Markdown rows of the plans (GiB), the chosen tier marked."""
+    gib = lambda x: f"{x / 2**30:.1f}"  # noqa: E731
+    rows = [
+        "| tier | DiT weights resident | of which blocks | block activations | attention | text encoder "
+        "| VAE decode | encode / sample / decode peak | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in plans:
+        mark = " ←" if p.tier == chosen else ""
+        rows.append(
+            f"| {p.tier}{mark} | {gib(p.dit_resident)} | {gib(p.block_group)} | {gib(p.activations)} | "
+            f"{gib(p.attention)} | {gib(p.text_encoder)} | {gib(p.vae_decode)} | "
+            f"{gib(p.encode_peak)} / {gib(p.sample_peak)} / {gib(p.decode_peak)} | **{gib(p.peak)}** |"
+        )
+    return rows
+
+
 def check_memory(config: SamplingConfig) -> None:
     """Raise ``ValueError`` for a memory tier that cannot work with the rest of the config."""
+    if config.memory.tier == "auto":
+        if config.memory.vram_gib is None or config.memory.vram_gib <= 0:
+            raise ValueError("memory.tier=auto: set memory.vram_gib to the device memory to fit in (GiB)")
+        return
     tier = tier_settings(config.memory)
     if tier.blocks_resident is None:
         return
@@ -517,6 +618,11 @@ class KaleidoPipeline:
                 "no DiT checkpoint (load=...): %s has RANDOM weights, the videos will be noise", components.name
             )
         parallel = parallel or ParallelState()
+        if config.memory.tier == "auto":
+            chosen = choose_tier(memory_plans(config, components), config.memory.vram_gib)
+            log.info("memory.tier=auto: %s (planned peak %.1f GiB)", chosen.tier, chosen.peak / 2**30)
+            config = dataclasses.replace(config, memory=dataclasses.replace(config.memory, tier=chosen.tier))
+            check_memory(config)
         memory = tier_settings(config.memory)
         streamer = None
         if memory.from_disk:  # the blocks are read from the file when they run: never all in memory

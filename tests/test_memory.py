@@ -89,3 +89,61 @@ def test_lowest_needs_a_safetensors_file_with_every_weight(tmp_path):
     config = demo_config("memory.tier=lowest", f"lora=[{{path: {tmp_path / 'broken.safetensors'}}}]")
     with pytest.raises(ValueError, match="memory.tier=lowest moves the DiT's blocks; it does not combine with lora"):
         validate_sampling(config, resolve_components(config))
+
+
+def test_the_plans_text_encoder_size_is_umt5s(tmp_path):
+    from sgm.memory import umt5_encoder_parameters
+    from tests.helpers import tiny_umt5
+
+    model = tiny_umt5(vocab_size=300)
+    c = model.config
+    counted = sum(p.numel() for p in model.parameters())
+    assert counted == umt5_encoder_parameters(
+        d_model=c.d_model,
+        d_ff=c.d_ff,
+        num_layers=c.num_layers,
+        vocab_size=c.vocab_size,
+        num_heads=c.num_heads,
+        d_kv=c.d_kv,
+        buckets=c.relative_attention_num_buckets,
+    )
+
+
+def test_plan_picks_a_tier_that_fits_the_14b_at_512p(capsys):
+    import sample_video
+
+    base = [
+        "--config",
+        str(ROOT / "configs/model/kaleido_14b.yaml"),
+        str(ROOT / "configs/sampling/kaleido_14b_512p.yaml"),
+    ]
+    peaks = {}
+    for vram in (24, 12):
+        assert sample_video.main([*base, "--plan", "--vram", str(vram)]) == 0
+        out = capsys.readouterr().out
+        chosen = out.strip().splitlines()[-1]
+        tier, peak = chosen.split("memory.tier=")[1].split(" (planned peak ")
+        peaks[vram] = (tier, float(peak.split(" GiB")[0]))
+        assert peaks[vram][1] <= vram
+        assert "512x896x81, 3 references" in out
+    assert peaks[24][0] != "lowest" and peaks[12][1] < peaks[24][1]  # 24 GiB affords a faster tier than 12
+    with pytest.raises(SystemExit):
+        sample_video.main([*base, "--plan", "--vram", "1"])
+    assert "no tier fits 1 GiB" in capsys.readouterr().err
+
+
+def test_plan_counts_the_dits_weights_and_auto_chooses(tmp_path):
+    from sgm.pipeline import choose_tier, memory_plans
+
+    config = demo_config()
+    components = resolve_components(config)
+    plans = {p.tier: p for p in memory_plans(config, components)}
+    dit = KaleidoPipeline.from_config(config, device="cpu").dit
+    weight_bytes = sum(p.numel() * p.element_size() for p in dit.parameters())
+    assert plans["full"].dit_resident == weight_bytes
+    block = sum(p.numel() * p.element_size() for p in dit.transformer.layers[0].parameters())
+    assert plans["lowest"].dit_resident == weight_bytes - len(dit.transformer.layers) * block + 2 * block
+    assert plans["lowest"].text_encoder == 0 and plans["full"].peak > plans["lowest"].peak
+    assert choose_tier(list(plans.values()), 64).tier == "full"
+    pipe = KaleidoPipeline.from_config(demo_config("memory.tier=auto", "memory.vram_gib=64"), device="cpu")
+    assert pipe.streamer is None  # 64 GiB: the full tier
