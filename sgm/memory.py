@@ -49,6 +49,7 @@ class MemoryConfig:
     vram_gib: float | None = None  # auto: the device memory to fit in
     blocks_resident: int | None = None  # DiT blocks on the device at once (low: 4, lowest: 1); None: the tier's
     prefetch: bool = True  # read / copy the next block while one runs
+    weights: str = "model"  # model | fp8 | fp8_scaled: the blocks' weight matrices stored in float8 e4m3
 
 
 @dataclass(frozen=True)
@@ -324,3 +325,68 @@ def plan_tier(
         sample_peak=dit + text_while_sampling + vae + activations + attention + latents,
         decode_peak=dit + text_while_sampling + vae + decode + latents,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight storage: float8 e4m3 (plain or scaled per output channel), computed in the model dtype
+
+WEIGHT_FORMATS = ("model", "fp8", "fp8_scaled")
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448: e4m3fn has no infinity, a larger value would become NaN
+
+
+def quantize_fp8(weight: torch.Tensor, *, scaled: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(stored, scale)``: plain, the weight clamped to ±448 and rounded to e4m3 (scale None);
+    scaled, each output row divided by its largest magnitude / 448 first (float32 scales
+    ``[out, 1]``), so every row uses the format's whole range."""
+    if not scaled:
+        return weight.float().clamp(-FP8_MAX, FP8_MAX).to(FP8), None
+    scale = weight.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / FP8_MAX
+    return (weight.float() / scale).to(FP8), scale
+
+
+def dequantize_fp8(stored: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    return (stored.float() * scale if scale is not None else stored.float()).to(dtype)
+
+
+class Fp8Weight(nn.Module):
+    """Parametrization: the weight is stored in fp8 and read in ``dtype``.
+
+    diffusers' ``apply_layerwise_casting`` does the same by hooking ``nn.Linear.forward``, but the
+    DiT reads most weights directly (fused QKV split by rows, the MLP's ``addmm``, output
+    projections with the bias after the matmul), so a hooked forward would not run; a
+    parametrization changes every read of the weight."""
+
+    def __init__(self, scale: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("scale", scale, persistent=False)
+        self.dtype = dtype
+
+    def forward(self, stored: torch.Tensor) -> torch.Tensor:
+        return dequantize_fp8(stored, self.scale, self.dtype)
+
+
+def store_weights(dit: nn.Module, weights: str) -> list[str]:
+    """Store the weight matrices of the DiT's blocks in ``weights`` (``fp8`` or ``fp8_scaled``);
+    returns their names. Norms, biases, modulation, embeddings and the head keep the model dtype
+    (1–3 % of the parameters, and the most sensitive)."""
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"memory.weights: expected one of {', '.join(WEIGHT_FORMATS)}, got '{weights}'")
+    if weights == "model":
+        return []
+    from torch.nn.utils import parametrize
+
+    names = []
+    for name, module in dit.transformer.layers.named_modules():
+        if isinstance(module, nn.Linear):
+            dtype = module.weight.dtype
+            stored, scale = quantize_fp8(module.weight.detach(), scaled=weights == "fp8_scaled")
+            module.weight = nn.Parameter(stored, requires_grad=False)
+            parametrize.register_parametrization(module, "weight", Fp8Weight(scale, dtype), unsafe=True)
+            names.append(f"transformer.layers.{name}")
+    return names
+
+
+def resident_weight_bytes(module: nn.Module) -> int:
+    """Bytes of the tensors a module holds (parameters as stored, fp8 scales included)."""
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])

@@ -51,12 +51,14 @@ from sgm.lora import LORA_FILE, LORA_INFO_FILE, AppliedLoras, LoraConfig, apply_
 from sgm.memory import (
     MEMORY_TIERS,
     UMT5_XXL,
+    WEIGHT_FORMATS,
     BlockStreamer,
     MemoryConfig,
     MemoryPlan,
     TierSettings,
     block_activation_bytes,
     plan_tier,
+    store_weights,
     stream_dit_blocks,
     tier_settings,
     umt5_encoder_parameters,
@@ -467,6 +469,14 @@ def check_memory(config: SamplingConfig) -> None:
             raise ValueError("memory.tier=auto: set memory.vram_gib to the device memory to fit in (GiB)")
         return
     tier = tier_settings(config.memory)
+    if config.memory.weights not in WEIGHT_FORMATS:
+        raise ValueError(f"memory.weights: expected one of {', '.join(WEIGHT_FORMATS)}, got '{config.memory.weights}'")
+    if config.memory.weights != "model":
+        fp8_clashes = {"fsdp": config.fsdp, "lora_mode=adapter": bool(config.lora) and config.lora_mode == "adapter"}
+        fp8_clashes["memory.tier=lowest"] = tier.from_disk  # the blocks are read from the file as they are
+        for key, on in fp8_clashes.items():
+            if on:
+                raise ValueError(f"memory.weights={config.memory.weights} does not combine with {key}")
     if tier.blocks_resident is None:
         return
     clashes = {"fsdp": config.fsdp, "compile": config.compile}
@@ -630,13 +640,18 @@ class KaleidoPipeline:
             streamer = stream_dit_blocks(
                 dit, config.load, device=device, resident=memory.blocks_resident, prefetch=config.memory.prefetch
             )
-        elif memory.blocks_resident is not None:
-            dit = load_dit(components, config.load, "cpu")
-            offload_blocks(dit, device, memory, config.memory.prefetch)
-        else:
-            dit = load_dit(components, config.load, device)
+        else:  # block swap and fp8 storage start on the host: the device never holds more than they leave
+            on_host = memory.blocks_resident is not None or config.memory.weights != "model"
+            dit = load_dit(components, config.load, "cpu" if on_host else device)
         deltas = [d for entry in config.lora for d in load_lora(entry.path, dit, entry.scale)]
         loras = apply_loras(dit, deltas, config.lora_mode) if deltas else None
+        stored = store_weights(dit, config.memory.weights)  # after a merge: the LoRA is quantised with the weights
+        if stored:
+            log.info("memory.weights=%s: %d weight matrices stored in float8 e4m3", config.memory.weights, len(stored))
+        if memory.blocks_resident is not None and not memory.from_disk:
+            offload_blocks(dit, device, memory, config.memory.prefetch)
+        elif stored:
+            dit.to(device)
         enable_sequence_parallel(dit, parallel)
         if config.fsdp:
             shard_dit(dit, parallel, device)
