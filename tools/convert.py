@@ -4,6 +4,9 @@
     python tools/convert.py diffusers2kaleido --input wan_diffusers/transformer --output ckpt_14b
     python tools/convert.py kaleido2safetensors --input Kaleido-14B-S2V/model --output kaleido.safetensors
     python tools/convert.py kaleido2diffusers --input Kaleido-14B-S2V/model --output kaleido_diffusers/
+    python tools/convert.py kaleido2comfyui --input Kaleido-14B-S2V/model --output kaleido_comfyui.safetensors \
+        [--format bf16 | fp8 | fp8_scaled]
+    python tools/convert.py comfyui2kaleido --input wan2.1_t2v_14B_fp8_e4m3fn.safetensors --output kaleido.safetensors
 
 Inputs are a file, a SAT folder (``latest``), or a folder of (sharded, indexed) safetensors/.bin
 files. Every conversion keeps dtypes, refuses to drop or invent tensors, and checks the result
@@ -14,6 +17,10 @@ with the DiT under ``module`` as ``model.diffusion_model.*``) that training load
 ``diffusion_pytorch_model.safetensors`` and ``config.json`` for ``WanTransformer3DModel``. The
 diffusers export covers the video tokens only: reference tokens need our RoPE positions
 (subject k at (k, 80 + row, 80 + column)), which diffusers' Wan model does not have.
+``kaleido2comfyui`` writes the Wan2.1 layout ComfyUI loads (``diffusion_model.blocks.N...``; bf16,
+fp8 or ComfyUI's scaled fp8), ``comfyui2kaleido`` reads such files (any prefix, community fp8
+conversions included, dequantised) into one safetensors file with our keys; ComfyUI's Wan model
+still lacks the reference tokens (``sgm/convert/comfyui.py``).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from sgm.checkpoint import (  # noqa: E402
     write_model_card,
     write_sat_checkpoint,
 )
+from sgm.convert.comfyui import COMFYUI_FORMATS, comfyui_to_kaleido, kaleido_to_comfyui  # noqa: E402
 from sgm.convert.diffusers_wan import diffusers_config, diffusers_to_kaleido, kaleido_to_diffusers  # noqa: E402
 from sgm.convert.wan_official import wan_to_kaleido  # noqa: E402
 from sgm.registry import ARCHITECTURES, architecture_card, check_dit_shapes, resolve_arch  # noqa: E402
@@ -65,12 +73,21 @@ def read_any(path: Path) -> dict[str, torch.Tensor]:
     return read_state_dict(resolve_checkpoint(path))
 
 
-def convert(kind: str, source: Path, out: Path, model: str) -> int:
+def save_safetensors(tensors: dict[str, torch.Tensor], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, out)
+
+
+def convert(kind: str, source: Path, out: Path, model: str, fmt: str = "bf16") -> int:
     state = read_any(source)
     if kind == "wan2kaleido":
         kaleido = wan_to_kaleido(state)
     elif kind == "diffusers2kaleido":
         kaleido = diffusers_to_kaleido(state)
+    elif kind == "comfyui2kaleido":
+        kaleido = comfyui_to_kaleido(state)
     else:
         kaleido = extract_dit_state_dict(state)
     check_dit_shapes(shapes(kaleido), model, "the converted weights")
@@ -78,12 +95,11 @@ def convert(kind: str, source: Path, out: Path, model: str) -> int:
     card = architecture_card(model, resolve_arch(model), dtype)
     if kind in ("wan2kaleido", "diffusers2kaleido"):
         write_sat_checkpoint(out, kaleido, card)
-    elif kind == "kaleido2safetensors":
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.partial")
-        save_file({k: v.contiguous() for k, v in kaleido.items()}, str(tmp))
-        os.replace(tmp, out)
+    elif kind in ("kaleido2safetensors", "comfyui2kaleido"):
+        save_safetensors(kaleido, out)
         write_model_card(out.parent, card)
+    elif kind == "kaleido2comfyui":
+        save_safetensors(kaleido_to_comfyui(kaleido, fmt=fmt), out)
     else:
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / ".diffusion_pytorch_model.safetensors.partial"
@@ -100,15 +116,24 @@ def convert(kind: str, source: Path, out: Path, model: str) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "kind", choices=["wan2kaleido", "diffusers2kaleido", "kaleido2safetensors", "kaleido2diffusers"]
+        "kind",
+        choices=[
+            "wan2kaleido",
+            "diffusers2kaleido",
+            "kaleido2safetensors",
+            "kaleido2diffusers",
+            "kaleido2comfyui",
+            "comfyui2kaleido",
+        ],
     )
+    parser.add_argument("--format", default="bf16", choices=COMFYUI_FORMATS, help="kaleido2comfyui: weight format")
     parser.add_argument("--input", required=True, help="file, SAT folder, or folder of weight shards")
     parser.add_argument("--output", required=True, help="output folder (or .safetensors file)")
     parser.add_argument("--model", default="kaleido-14b", choices=sorted(ARCHITECTURES), help="architecture to check")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        return convert(args.kind, Path(args.input), Path(args.output), args.model)
+        return convert(args.kind, Path(args.input), Path(args.output), args.model, args.format)
     except (ValueError, KeyError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 1
