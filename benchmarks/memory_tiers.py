@@ -90,14 +90,21 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--tiers", nargs="+", default=["full", "lowest"])
     parser.add_argument("--child", nargs=3, metavar=("TIER", "LOAD", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--write", metavar="PATH", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.child:
         child(args.child[0], args.child[1], args.steps, args.child[2])
         return 0
+    if args.write:
+        write_weights(Path(args.write))
+        return 0
     with tempfile.TemporaryDirectory(dir=args.workdir) as work:
         weights = Path(work) / "dit_1p3b_fp32.safetensors"
-        size = write_weights(weights)
+        # Linux keeps a process's peak RSS across fork and exec: the weights are made in a child of
+        # their own, so that this process stays small and each measured child starts from it.
+        subprocess.run([sys.executable, __file__, "--write", str(weights)], check=True)
+        size = weights.stat().st_size
         log.info("weights: %s, %.2f GiB (float32)", weights.name, size / 2**30)
         results, latents = {}, {}
         for tier in args.tiers:

@@ -378,7 +378,7 @@ def store_weights(dit: nn.Module, weights: str) -> list[str]:
 
     names = []
     for name, module in dit.transformer.layers.named_modules():
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) and not parametrize.is_parametrized(module, "weight"):  # not pre-quantised
             dtype = module.weight.dtype
             stored, scale = quantize_fp8(module.weight.detach(), scaled=weights == "fp8_scaled")
             module.weight = nn.Parameter(stored, requires_grad=False)
@@ -390,3 +390,66 @@ def store_weights(dit: nn.Module, weights: str) -> list[str]:
 def resident_weight_bytes(module: nn.Module) -> int:
     """Bytes of the tensors a module holds (parameters as stored, fp8 scales included)."""
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+# Pre-quantised checkpoints (our layout): a block's fp8 ``<module>.weight`` with an optional float32
+# ``<module>.weight_scale`` of shape [out, 1]; every other tensor in any floating dtype.
+SCALE_KEY = ".weight_scale"
+
+
+def is_prequantized(state: dict[str, torch.Tensor]) -> bool:
+    return any(t.dtype in (FP8, torch.float8_e5m2) for t in state.values())
+
+
+def quantize_state_dict(state: dict[str, torch.Tensor], *, weights: str) -> dict[str, torch.Tensor]:
+    """Our DiT state dict with the blocks' weight matrices in fp8 (``weights``: fp8 | fp8_scaled),
+    the layout ``load_prequantized`` reads: what ``tools/convert.py kaleido2safetensors --format``
+    writes."""
+    if weights not in WEIGHT_FORMATS[1:]:
+        raise ValueError(f"format: expected fp8 or fp8_scaled, got '{weights}'")
+    out = {}
+    for name, tensor in state.items():
+        if name.startswith(BLOCKS_PREFIX) and name.endswith(".weight") and tensor.ndim == 2:
+            stored, scale = quantize_fp8(tensor, scaled=weights == "fp8_scaled")
+            out[name] = stored
+            if scale is not None:
+                out[name[: -len(".weight")] + SCALE_KEY] = scale
+        else:
+            out[name] = tensor
+    return out
+
+
+def load_prequantized(dit: nn.Module, state: dict[str, torch.Tensor], *, device: torch.device) -> list[str]:
+    """Fill a meta-device ``dit`` from a pre-quantised state dict without widening it: the blocks'
+    fp8 matrices stay fp8 (read through ``Fp8Weight``), the rest is cast to the model dtype. Every
+    key and shape is checked first (one error listing all). Returns the fp8-stored names."""
+    from torch.nn.utils import parametrize
+
+    from sgm.checkpoint import StateDictMismatchError, diff_shapes, shapes
+
+    dtype = next(iter(dit.parameters())).dtype
+    scales = {k[: -len(SCALE_KEY)] + ".weight": v for k, v in state.items() if k.endswith(SCALE_KEY)}
+    weights = {k: v for k, v in state.items() if not k.endswith(SCALE_KEY)}
+    diff = diff_shapes(shapes(dit.state_dict()), shapes(weights))
+    if diff:
+        raise StateDictMismatchError("the pre-quantised DiT state dict does not match the model:\n" + diff.report())
+    fp8_names, widened = [], {}
+    for name, tensor in weights.items():
+        owner = dit.get_submodule(name.rpartition(".")[0])
+        stored_fp8 = tensor.dtype in (FP8, torch.float8_e5m2)
+        if stored_fp8 and name.startswith(BLOCKS_PREFIX) and isinstance(owner, nn.Linear) and name.endswith(".weight"):
+            owner.weight = nn.Parameter(tensor.to(FP8).to(device), requires_grad=False)
+            scale = scales.get(name)
+            fp8_weight = Fp8Weight(None if scale is None else scale.float().to(device), dtype)
+            parametrize.register_parametrization(owner, "weight", fp8_weight, unsafe=True)
+            fp8_names.append(name)
+        elif stored_fp8:  # fp8 outside the blocks' matrices: small, widened now
+            widened[name] = dequantize_fp8(tensor, scales.get(name), dtype)
+        else:
+            widened[name] = tensor.to(dtype)
+    rest = {k: v.to(device) for k, v in widened.items()}
+    missing, unexpected = dit.load_state_dict(rest, strict=False, assign=True)
+    expected_missing = {f"{n.rpartition('.')[0]}.parametrizations.weight.original" for n in fp8_names}
+    if set(missing) - expected_missing or unexpected:
+        raise StateDictMismatchError(f"pre-quantised load left {sorted(set(missing) - expected_missing)[:5]}")
+    return fp8_names

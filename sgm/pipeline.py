@@ -57,6 +57,8 @@ from sgm.memory import (
     MemoryPlan,
     TierSettings,
     block_activation_bytes,
+    is_prequantized,
+    load_prequantized,
     plan_tier,
     store_weights,
     stream_dit_blocks,
@@ -372,7 +374,12 @@ def load_dit(
         checkpoint_activations=checkpoint_activations,
     )
     if load:
-        load_dit_state_dict(dit, read_dit_checkpoint(load), assign=True)
+        state = read_dit_checkpoint(load)
+        if is_prequantized(state):  # the fp8 matrices stay fp8: the model is never held widened
+            stored = load_prequantized(dit, state, device=device)
+            log.info("loaded DiT weights from %s (%d matrices kept in float8 e4m3)", load, len(stored))
+            return dit
+        load_dit_state_dict(dit, state, assign=True)
         dit = dit.to(device)
         log.info("loaded DiT weights from %s", load)
     return dit

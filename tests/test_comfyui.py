@@ -107,3 +107,45 @@ def test_convert_cli_exports_and_imports_the_demo_model(tmp_path):
         text=True,
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr and not (tmp_path / "o.safetensors").exists()
+
+
+def test_prequantized_files_load_without_widening_and_sample_like_on_the_fly_fp8(tmp_path):
+    from sat.config import load_config
+    from sgm.data.references import load_reference
+    from sgm.memory import Fp8Weight
+    from sgm.pipeline import KaleidoPipeline, SamplingConfig
+
+    demo = ROOT / "assets/kaleido-shapes/dit.safetensors"
+    common = [sys.executable, "tools/convert.py"]
+    ours, comfy, back = (
+        tmp_path / "ours" / "dit.safetensors",
+        tmp_path / "c.safetensors",
+        tmp_path / "back" / "dit.safetensors",
+    )
+    for argv in (
+        ["kaleido2safetensors", "--input", str(demo), "--output", str(ours), "--format", "fp8_scaled"],
+        ["kaleido2comfyui", "--input", str(demo), "--output", str(comfy), "--format", "fp8_scaled"],
+        ["comfyui2kaleido", "--input", str(comfy), "--output", str(back), "--keep-fp8"],
+    ):
+        result = subprocess.run([*common, *argv, "--model", "kaleido-tiny"], cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+    refs = [load_reference(str(ROOT / "assets/kaleido-shapes/examples/heldout_00009_ref1.png"))]
+
+    def latents(*overrides):
+        config = load_config(SamplingConfig, [str(ROOT / "configs/sampling/shapes.yaml")], ["num_steps=4", *overrides])
+        for section in (config.text_encoder, config.vae):
+            section.path = str(ROOT / section.path)
+        config.load = config.load if Path(config.load).is_absolute() else str(ROOT / config.load)
+        pipe = KaleidoPipeline.from_config(config, device="cpu")
+        return pipe, pipe.generate_latents("the first object bounces", references=refs, seed=3)
+
+    _, on_the_fly = latents("memory.weights=fp8_scaled")
+    pipe, prequantized = latents(f"load={ours}")
+    linear = pipe.dit.transformer.layers[0].mlp.dense_h_to_4h
+    assert linear.parametrizations.weight.original.dtype == torch.float8_e4m3fn  # kept fp8 from the file
+    assert isinstance(linear.parametrizations.weight[0], Fp8Weight)
+    assert torch.equal(prequantized, on_the_fly)  # the same quantisation, written then read
+    _, from_comfy = latents(f"load={back}")
+    # ComfyUI's scales are per tensor (ours per row): close to the on-the-fly latent, not equal
+    assert ((from_comfy - on_the_fly).norm() / on_the_fly.norm()).item() < 0.1
+    assert load_file(str(back))["transformer.layers.0.attention.query_key_value.weight"].dtype == torch.float8_e4m3fn

@@ -50,6 +50,7 @@ from sgm.checkpoint import (  # noqa: E402
 from sgm.convert.comfyui import COMFYUI_FORMATS, comfyui_to_kaleido, kaleido_to_comfyui  # noqa: E402
 from sgm.convert.diffusers_wan import diffusers_config, diffusers_to_kaleido, kaleido_to_diffusers  # noqa: E402
 from sgm.convert.wan_official import wan_to_kaleido  # noqa: E402
+from sgm.memory import SCALE_KEY, quantize_state_dict  # noqa: E402
 from sgm.registry import ARCHITECTURES, architecture_card, check_dit_shapes, resolve_arch  # noqa: E402
 
 log = logging.getLogger("convert")
@@ -80,26 +81,29 @@ def save_safetensors(tensors: dict[str, torch.Tensor], out: Path) -> None:
     os.replace(tmp, out)
 
 
-def convert(kind: str, source: Path, out: Path, model: str, fmt: str = "bf16") -> int:
+def convert(kind: str, source: Path, out: Path, model: str, fmt: str | None = None, keep_fp8: bool = False) -> int:
     state = read_any(source)
     if kind == "wan2kaleido":
         kaleido = wan_to_kaleido(state)
     elif kind == "diffusers2kaleido":
         kaleido = diffusers_to_kaleido(state)
     elif kind == "comfyui2kaleido":
-        kaleido = comfyui_to_kaleido(state)
+        kaleido = comfyui_to_kaleido(state, keep_fp8=keep_fp8)
     else:
         kaleido = extract_dit_state_dict(state)
-    check_dit_shapes(shapes(kaleido), model, "the converted weights")
-    dtype = next(iter(kaleido.values())).dtype
+    scales = {k: v for k, v in kaleido.items() if k.endswith(SCALE_KEY)}  # fp8 scales: not model tensors
+    check_dit_shapes(shapes({k: v for k, v in kaleido.items() if k not in scales}), model, "the converted weights")
+    dtype = next(v.dtype for k, v in kaleido.items() if k not in scales and v.dtype.itemsize > 1)  # not fp8
     card = architecture_card(model, resolve_arch(model), dtype)
     if kind in ("wan2kaleido", "diffusers2kaleido"):
         write_sat_checkpoint(out, kaleido, card)
     elif kind in ("kaleido2safetensors", "comfyui2kaleido"):
+        if kind == "kaleido2safetensors" and fmt in ("fp8", "fp8_scaled"):  # pre-quantised: our loader keeps fp8
+            kaleido = quantize_state_dict(kaleido, weights=fmt)
         save_safetensors(kaleido, out)
         write_model_card(out.parent, card)
     elif kind == "kaleido2comfyui":
-        save_safetensors(kaleido_to_comfyui(kaleido, fmt=fmt), out)
+        save_safetensors(kaleido_to_comfyui(kaleido, fmt=fmt or "bf16"), out)
     else:
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / ".diffusion_pytorch_model.safetensors.partial"
@@ -126,14 +130,19 @@ def main(argv=None) -> int:
             "comfyui2kaleido",
         ],
     )
-    parser.add_argument("--format", default="bf16", choices=COMFYUI_FORMATS, help="kaleido2comfyui: weight format")
+    parser.add_argument(
+        "--format", choices=COMFYUI_FORMATS, help="kaleido2comfyui (default bf16), kaleido2safetensors (default: as is)"
+    )
+    parser.add_argument(
+        "--keep-fp8", action="store_true", help="comfyui2kaleido: keep fp8 weights (pre-quantised, with scales)"
+    )
     parser.add_argument("--input", required=True, help="file, SAT folder, or folder of weight shards")
     parser.add_argument("--output", required=True, help="output folder (or .safetensors file)")
     parser.add_argument("--model", default="kaleido-14b", choices=sorted(ARCHITECTURES), help="architecture to check")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        return convert(args.kind, Path(args.input), Path(args.output), args.model, args.format)
+        return convert(args.kind, Path(args.input), Path(args.output), args.model, args.format, args.keep_fp8)
     except (ValueError, KeyError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 1

@@ -58,10 +58,14 @@ def kaleido_to_comfyui(state_dict: Mapping[str, torch.Tensor], *, fmt: str = "bf
 
 
 def comfyui_to_kaleido(
-    state_dict: Mapping[str, torch.Tensor], *, dtype: torch.dtype = torch.bfloat16
+    state_dict: Mapping[str, torch.Tensor], *, dtype: torch.dtype = torch.bfloat16, keep_fp8: bool = False
 ) -> dict[str, torch.Tensor]:
     """A ComfyUI / community Wan2.1 file (any of the prefixes; bf16, fp8 or scaled fp8) -> our keys
-    in ``dtype``, fp8 weights dequantised with their ``scale_weight`` where the file has one."""
+    in ``dtype``, fp8 weights dequantised with their ``scale_weight`` where the file has one.
+
+    ``keep_fp8``: fp8 weights stay fp8, each with a float32 ``<module>.weight_scale`` of one value
+    per output row (the file's per-tensor scale, or 1), the pre-quantised layout our loader reads
+    (``sgm.memory.load_prequantized``); Wan's separate q, k, v become our fused rows, scales too."""
     bare = {}
     for name, tensor in state_dict.items():
         if name == SCALED_FP8_MARKER:
@@ -77,7 +81,12 @@ def comfyui_to_kaleido(
         if name.endswith(SCALE_SUFFIX):
             continue
         if tensor.dtype in (FP8, torch.float8_e5m2):
-            tensor = tensor.float() * scales[name].float() if name in scales else tensor.float()
+            scale = scales[name].float().reshape(()) if name in scales else torch.tensor(1.0)
+            if keep_fp8 and tensor.ndim == 2:
+                weights[name] = tensor.to(FP8)  # e5m2 files are rare; e4m3 holds their values' range here
+                weights[name[: -len(".weight")] + ".weight_scale"] = scale.expand(tensor.shape[0], 1).contiguous()
+                continue
+            tensor = tensor.float() * scale
         weights[name] = tensor.to(dtype)
     orphans = sorted(set(scales) - set(weights))
     if orphans:

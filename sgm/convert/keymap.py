@@ -21,7 +21,8 @@ import torch
 @functools.cache
 def _pattern(template: str) -> re.Pattern:
     body = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)")
-    return re.compile("^" + body + r"(?P<suffix>\.weight|\.bias|\.gamma)?$")
+    # .weight_scale: the per-row scales of a pre-quantised fp8 weight (sgm.memory), fused like the weight's rows
+    return re.compile("^" + body + r"(?P<suffix>\.weight_scale|\.weight|\.bias|\.gamma)?$")
 
 
 def _split_key(key: str, templates) -> tuple[str, str | None, str] | None:
