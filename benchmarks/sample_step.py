@@ -186,9 +186,11 @@ def large_options(thresholds: list[float], steps: int) -> None:
 
     os.chdir(ROOT)
     files = [ROOT / "configs/model/kaleido_tiny.yaml", ROOT / "configs/sampling/tiny.yaml"]
-    overrides = [
-        *CONFIGS["mid"]["overrides"][1:],  # the 1.3B width, heads, FFN and timestep width
-        "model.arch.num_layers=30",
+    from sgm.registry import ARCHITECTURES
+
+    overrides = [  # kaleido-1.3b reading the committed tiny text encoder's features
+        "model.name=kaleido-1.3b",
+        f"model.arch.text_dim={ARCHITECTURES['kaleido-tiny'].text_dim}",
         f"num_steps={steps}",
     ]
     torch.manual_seed(0)

@@ -24,14 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sat.config import load_config  # noqa: E402
+from sgm.registry import ARCHITECTURES  # noqa: E402
 
 log = logging.getLogger("weight_formats")
-ARCH_1P3B = [
-    "model.arch.num_layers=30",
-    "model.arch.hidden_size=1536",
-    "model.arch.num_attention_heads=12",
-    "model.arch.inner_hidden_size=8960",
-    "model.arch.time_freq_dim=256",
+ARCH_1P3B = [  # kaleido-1.3b (the registry's) reading the committed tiny text encoder's features
+    "model.name=kaleido-1.3b",
+    f"model.arch.text_dim={ARCHITECTURES['kaleido-tiny'].text_dim}",
     "model.dtype=bfloat16",
 ]
 

@@ -37,3 +37,17 @@ def tiny_umt5(vocab_size: int, seed: int = 0) -> UMT5EncoderModel:
     )
     torch.manual_seed(seed)
     return UMT5EncoderModel(config).eval()
+
+
+def demo_config(*overrides: str):
+    """The shipped demo model's sampling config (``make demo``'s) with ``overrides``, its paths made
+    absolute so a test may run from any folder (a ``load=`` override that is absolute is kept)."""
+    from sat.config import load_config
+    from sgm.pipeline import SamplingConfig
+
+    root = Path(__file__).resolve().parents[1]
+    config = load_config(SamplingConfig, [str(root / "configs/sampling/shapes.yaml")], list(overrides))
+    config.text_encoder.path = str(root / config.text_encoder.path)
+    config.vae.path = str(root / config.vae.path)
+    config.load = str(root / config.load)  # an absolute override stays itself (pathlib joins it as is)
+    return config

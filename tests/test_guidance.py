@@ -17,6 +17,7 @@ from sgm.data.references import load_reference
 from sgm.diffusion.sampling import cfg_denoiser, guided_denoiser, reference_guided_velocity
 from sgm.diffusion.step_cache import psnr
 from sgm.pipeline import KaleidoPipeline, SamplingConfig, Timings, check_guidance, evaluations_per_step
+from tests.helpers import demo_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = [str(ROOT / "configs/sampling/shapes.yaml")]
@@ -24,10 +25,7 @@ REF = ROOT / "assets/kaleido-shapes/examples/heldout_00009_ref1.png"
 
 
 def demo(*overrides: str) -> KaleidoPipeline:
-    config = load_config(SamplingConfig, DEMO, ["num_steps=8", *overrides])
-    config.text_encoder.path = str(ROOT / config.text_encoder.path)
-    config.vae.path, config.load = str(ROOT / config.vae.path), str(ROOT / config.load)
-    return KaleidoPipeline.from_config(config, device="cpu")
+    return KaleidoPipeline.from_config(demo_config("num_steps=8", *overrides), device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from sat.config import load_config
 from sgm.data.references import load_reference
 from sgm.memory import MemoryConfig, tier_settings
 from sgm.pipeline import KaleidoPipeline, SamplingConfig, resolve_components, validate_sampling
+from tests import helpers
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = [str(ROOT / "configs/sampling/shapes.yaml")]
@@ -17,11 +18,7 @@ REF = ROOT / "assets/kaleido-shapes/examples/heldout_00009_ref1.png"
 
 
 def demo_config(*overrides: str) -> SamplingConfig:
-    config = load_config(SamplingConfig, DEMO, ["num_steps=3", *overrides])
-    config.text_encoder.path = str(ROOT / config.text_encoder.path)
-    config.vae.path = str(ROOT / config.vae.path)
-    config.load = str(ROOT / config.load) if not Path(config.load).is_absolute() else config.load
-    return config
+    return helpers.demo_config("num_steps=3", *overrides)
 
 
 def sample(pipe: KaleidoPipeline) -> torch.Tensor:
@@ -159,14 +156,11 @@ def test_gpu_peak_of_each_tier_is_within_15_percent_of_the_plan(tmp_path, tier):
     from PIL import Image
 
     from sgm.pipeline import memory_plans
-    from sgm.registry import build_dit
+    from sgm.registry import ARCHITECTURES, build_dit
 
-    overrides = [
-        "model.arch.num_layers=30",
-        "model.arch.hidden_size=1536",
-        "model.arch.num_attention_heads=12",
-        "model.arch.inner_hidden_size=8960",
-        "model.arch.time_freq_dim=256",
+    overrides = [  # kaleido-1.3b reading the committed tiny text encoder's features
+        "model.name=kaleido-1.3b",
+        f"model.arch.text_dim={ARCHITECTURES['kaleido-tiny'].text_dim}",
         "model.dtype=bfloat16",
         "vae.dtype=bfloat16",
         "sampling_image_size=[480,832]",
