@@ -167,9 +167,8 @@ def sample(tmp_path, name: str, processes: int, *extra: str) -> torch.Tensor:
         (2, ["cfg_parallel_size=2", "reference_guidance_scale=2.0"]),
         (4, ["cfg_parallel_size=2", "sequence_parallel_size=2"]),
         (2, ["cfg_parallel_size=2", "fsdp=true"]),
-        (2, ["sequence_parallel_size=2", "fsdp=true"]),
     ],
-    ids=["cfg2", "cfg2-reference-guidance", "cfg2xsp2", "cfg2-fsdp", "sp2-fsdp"],
+    ids=["cfg2", "cfg2-reference-guidance", "cfg2xsp2", "cfg2-fsdp"],
 )
 def test_cfg_parallel_equals_one_process(tmp_path, processes, extra):
     guidance = [e for e in extra if e.startswith("reference")]
