@@ -163,3 +163,40 @@ def test_a_bad_upload_gets_a_message_not_a_video(server, page, tmp_path):
     assert page.locator("#video video").count() == 0
     after = set((out / "app").glob("*")) if (out / "app").exists() else set()
     assert after == before  # nothing written for a refused request
+
+
+def test_concurrent_requests_wait_for_each_other(tmp_path):
+    """Two requests at once: both are made, never two inside the pipeline at the same time."""
+    import threading
+
+    from sgm.pipeline import KaleidoPipeline
+    from sgm.web import Request, Studio
+    from tests.helpers import demo_config
+
+    config = demo_config("num_steps=2", f"output_dir={tmp_path}")
+    studio = Studio(KaleidoPipeline.from_config(config, device="cpu"), config)
+    inside, most = [0], [0]
+    original = studio.pipeline.generate_latents
+
+    def counted(*args, **kwargs):
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        try:
+            return original(*args, **kwargs)
+        finally:
+            inside[0] -= 1
+
+    studio.pipeline.generate_latents = counted
+    reference = str(EXAMPLES / "heldout_00009_ref1.png")
+    requests = [
+        Request(f"the first object moves {w}", [reference, None, None], ["", "", ""], 96, 96, 9, 2, 4.0, seed=n)
+        for n, w in enumerate(("left", "right"))
+    ]
+    folders = []
+    threads = [threading.Thread(target=lambda r=r: folders.append(studio.generate(r))) for r in requests]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(folders) == 2 and len(set(folders)) == 2 and most[0] == 1
+    assert all((folder / "output.mp4").is_file() for folder in folders)
