@@ -41,6 +41,7 @@ from sat.parallel import (
     split_dim,
     token_offset,
 )
+from sat.training import gib
 from sgm.checkpoint import MODEL_CARD_FILE, find_model_card, load_dit_state_dict, read_dit_checkpoint
 from sgm.data.references import RELEASE_MAX_REFERENCES, fit_reference, image_to_tensor
 from sgm.diffusion.sampling import KnownFrames, guided_denoiser, sample
@@ -453,7 +454,6 @@ def choose_tier(plans: list[MemoryPlan], vram_gib: float) -> MemoryPlan:
 
 def plan_table(plans: list[MemoryPlan], chosen: str | None = None) -> list[str]:
     """Markdown rows of the plans (GiB), the chosen tier marked."""
-    gib = lambda x: f"{x / 2**30:.1f}"  # noqa: E731
     rows = [
         "| tier | DiT weights resident | of which blocks | block activations | attention | text encoder "
         "| VAE decode | encode / sample / decode peak | peak GiB |",
