@@ -5,9 +5,18 @@ import json
 import numpy as np
 import pytest
 
-from tools.eval_shapes import confusion, ground_truth, load_clips, score_subject, table
+from tools.eval_shapes import (
+    Clip,
+    confusion,
+    degrade,
+    ground_truth,
+    load_clips,
+    parse_degradation,
+    score_subject,
+    table,
+)
 from tools.make_shapes_dataset import make_clip, write_clip
-from tools.shapes_world import COLOURS, SHAPES, is_held_out
+from tools.shapes_world import BACKGROUNDS, COLOURS, SHAPES, SPRITE, Subject, detect, is_held_out, render
 
 
 def test_clips_are_deterministic_for_a_seed():
@@ -51,6 +60,43 @@ def test_detector_scores_ground_truth_clips(tmp_path):
         "detected_shape": None,
         "detected_motion": None,
     }
+
+
+def test_detector_reads_mildly_degraded_ground_truth():
+    clips = load_clips(None, 20, seed=2, with_frames=True)
+    for blur, noise in ((1.5, 0.0), (0.0, 16.0), (1.0, 8.0)):
+        degraded = [Clip(c.id, c.subjects, c.references, degrade(c.frames, blur=blur, noise=noise)) for c in clips]
+        assert not np.array_equal(degraded[0].frames, clips[0].frames)
+        figures = ground_truth(degraded)
+        assert figures["identity"] >= 0.95 and figures["motion"] >= 0.95, (blur, noise, figures)
+    noisy_blank = degrade(np.full((1, 96, 96, 3), 110, dtype=np.uint8), blur=1.5, noise=16.0)[0]
+    assert detect(noisy_blank) == []
+
+
+def _alone(shape: str, colour: str, background=BACKGROUNDS[0]) -> np.ndarray:
+    subject = Subject(shape, colour, "still", (48.0, 48.0), track=[(48.0, 48.0, SPRITE)])
+    return render([subject], background, frames=1)
+
+
+@pytest.mark.parametrize("blur", [0.0, 1.5])
+def test_detector_names_every_shape_and_no_other(blur):
+    """Each catalogue shape, alone, sharp or blurred, is read as itself: a blurred striped square is
+    a square (the strict detector read it as a circle), and no two shapes are read the same."""
+    for colour in ("red", "blue"):
+        seen = {}
+        for shape in SHAPES:
+            found = detect(degrade(_alone(shape, colour), blur=blur)[0])
+            assert [d.colour for d in found] == [colour], (shape, found)
+            seen[shape] = found[0].shape
+        assert seen == {shape: shape for shape in SHAPES}, seen
+
+
+def test_degradation_settings_are_checked():
+    assert parse_degradation("blur=1.5,noise=16") == {"blur": 1.5, "noise": 16.0}
+    assert parse_degradation("") == {}
+    for bad in ("blur=x", "sharpen=1", "blur=-1", "blur=1,blur=2"):
+        with pytest.raises(ValueError, match="--degrade"):
+            parse_degradation(bad)
 
 
 def test_confusion_counts_asked_against_detected():
@@ -164,3 +210,46 @@ def test_vae_psnr_reports_all_pixels_and_the_subjects_pixels():
     mse_subject = (0.2 / 2) ** 2  # images in [-1, 1], PSNR on [0, 1]
     assert subjects == pytest.approx(-10 * math.log10(mse_subject), abs=1e-3)
     assert everything == pytest.approx(-10 * math.log10(mse_subject * 16 / 256), abs=1e-3)
+
+
+def test_vae_training_tool_takes_the_architecture_and_resumes(tmp_path):
+    import torch
+
+    from sgm.models.wan_vae import WanVAE, read_vae_strides
+    from tools.train_vae import main as train_vae
+
+    for index in range(10):
+        write_clip(tmp_path / "data", make_clip(5, index))
+    out, state = tmp_path / "vae", tmp_path / "state.pt"
+    args = ["--data", str(tmp_path / "data"), "--out", str(out), "--base-dim", "8", "--clips", "6", "--batch", "1"]
+    args += ["--dim-mult", "1,2,2", "--temporal-downsample", "false,false", "--foreground-weight", "10"]
+    args += ["--crop", "16", "--frames", "5", "--checkpoint", str(state), "--checkpoint-minutes", "0"]
+    assert train_vae([*args, "--minutes", "0.01"]) == 0
+    first = json.loads((out / "training.json").read_text())["steps"]
+    saved = torch.load(state, weights_only=True)
+    assert saved["step"] == first and saved["elapsed"] >= 0.6
+    assert read_vae_strides(out) == (1, 4)  # the config's stored scale factors match the levels
+    config = json.loads((out / "config.json").read_text())
+    assert (config["scale_factor_temporal"], config["scale_factor_spatial"]) == (1, 4)
+    assert WanVAE.from_diffusers(out).encode(torch.zeros(1, 3, 9, 96, 96)).shape == (1, 9, 16, 24, 24)
+
+    longer = saved["elapsed"] / 60 + 0.01  # a longer budget: the saved clock continues to it
+    assert train_vae([*args, "--minutes", str(longer)]) == 0
+    assert json.loads((out / "training.json").read_text())["steps"] > first
+    assert torch.load(state, weights_only=True)["elapsed"] >= 60 * longer
+
+    with pytest.raises(SystemExit):
+        train_vae([*args[:-4], "--dim-mult", "1,2,2", "--temporal-downsample", "false"])
+
+
+def test_vae_loss_weights_favour_the_subjects_and_average_one():
+    import torch
+
+    from tools.train_vae import loss_weights
+
+    mask = torch.zeros(2, 1, 1, 10, 10, dtype=torch.uint8)
+    mask[0, :, :, :2, :5] = 1  # 10 of 100 pixels
+    weights = loss_weights(mask, 10.0)
+    assert weights[0].mean().item() == pytest.approx(1.0) and weights[1].mean().item() == pytest.approx(1.0)
+    assert weights[0, 0, 0, 0, 0].item() == pytest.approx(10 * weights[0, 0, 0, 9, 9].item())
+    assert torch.equal(weights[1], torch.ones(1, 1, 10, 10))  # no subject: plain mean

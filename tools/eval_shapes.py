@@ -21,7 +21,10 @@ subject by its catalogue colour in every frame:
   first two references swapped (the subject doing the first motion should now look like the
   second reference: swap-following).
 
-``--ground-truth`` scores the clips' own videos instead, which validates the detector.
+``--ground-truth`` scores the clips' own videos instead, which validates the detector;
+``--degrade blur=1.5,noise=16`` blurs and/or noises them first (the detector must read mild
+degradations as it reads clean clips: on 100 generated held-out clips identity 1.000 under a
+1.5-px blur or noise of 16 grey levels, 0.984 under a 2-px blur).
 ``--reconstruct`` scores the config's VAE's reconstructions (encode, decode) of those videos: the
 ceiling that any DiT generating through this VAE can reach. ``--confusion`` also prints, for the
 scored videos (a model's: those made with the references), which shape and which motion the
@@ -136,6 +139,36 @@ def score_clips(clips: list[Clip]) -> list[Scored]:
 
 def subject_figures(scored: list[Scored], n_videos: int) -> dict:
     return {**summarise([score for _, score in scored]), "n_videos": n_videos}
+
+
+def parse_degradation(text: str) -> dict[str, float]:
+    """``"blur=1.5,noise=16"`` -> ``{"blur": 1.5, "noise": 16.0}`` (both optional, each >= 0)."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = -1.0
+        if key not in ("blur", "noise") or number < 0 or key in out:
+            raise ValueError(f"--degrade: expected blur=PIXELS and/or noise=GREY_LEVELS (each >= 0), got '{item}'")
+        out[key] = number
+    return out
+
+
+def degrade(frames: np.ndarray, *, blur: float = 0.0, noise: float = 0.0, seed: int = 0) -> np.ndarray:
+    """``[F, H, W, 3]`` uint8 frames under a Gaussian blur of radius ``blur`` pixels, then Gaussian
+    noise of standard deviation ``noise`` grey levels: the detector must read mild degradations of
+    ground truth (a VAE's or a DiT's) as it reads the clean clips."""
+    from PIL import Image, ImageFilter
+
+    out = frames
+    if blur:
+        out = np.stack([np.asarray(Image.fromarray(f).filter(ImageFilter.GaussianBlur(blur))) for f in out])
+    if noise:
+        rng = np.random.default_rng(seed)
+        out = np.clip(out + rng.normal(0.0, noise, out.shape), 0, 255).astype(np.uint8)
+    return out
 
 
 def ground_truth(clips: list[Clip]) -> dict:
@@ -277,6 +310,11 @@ def main(argv=None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--ground-truth", action="store_true", help="score the clips' own videos")
     mode.add_argument("--reconstruct", action="store_true", help="score the VAE's reconstructions of the clips")
+    parser.add_argument(
+        "--degrade",
+        default="",
+        help="with --ground-truth: blur and/or noise the clips first (blur=PIXELS,noise=GREY_LEVELS)",
+    )
     parser.add_argument("--json", help="write the figures to this file")
     parser.add_argument(
         "--frames",
@@ -290,7 +328,17 @@ def main(argv=None) -> int:
     data = Path(args.data) if args.data else None
     if data is not None and not (data / "meta").is_dir():
         parser.exit(2, f"error: {data}: no meta/ folder (make it with tools/make_shapes_dataset.py)\n")
+    try:
+        degradation = parse_degradation(args.degrade)
+    except ValueError as error:
+        parser.exit(2, f"error: {error}\n")
+    if degradation and not args.ground_truth:
+        parser.exit(2, "error: --degrade applies to --ground-truth only\n")
     clips = load_clips(data, args.limit, args.seed, with_frames=args.ground_truth or args.reconstruct)
+    if degradation:
+        clips = [
+            Clip(c.id, c.subjects, c.references, degrade(c.frames, **degradation, seed=n)) for n, c in enumerate(clips)
+        ]
     if args.ground_truth or args.reconstruct:
         scored = score_clips(reconstruct(clips, args.config, list(args.overrides)) if args.reconstruct else clips)
         figures = subject_figures(scored, len(clips))

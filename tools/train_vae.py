@@ -82,6 +82,38 @@ def load_references(folder: Path, size: int, limit: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)[:, :, None].contiguous()
 
 
+def parse_architecture(dim_mult: str, temporal_downsample: str) -> dict:
+    """``--dim-mult 1,2,2`` and ``--temporal-downsample false,false`` -> ``AutoencoderKLWan`` kwargs."""
+    try:
+        mult = [int(v) for v in dim_mult.split(",")]
+    except ValueError:
+        raise ValueError(f"--dim-mult: expected comma-separated integers, got {dim_mult!r}") from None
+    flags = [v.strip().lower() for v in temporal_downsample.split(",")]
+    if any(f not in ("true", "false") for f in flags):
+        raise ValueError(f"--temporal-downsample: expected comma-separated true/false, got {temporal_downsample!r}")
+    if len(mult) < 2 or len(flags) != len(mult) - 1:
+        raise ValueError(
+            f"--temporal-downsample needs one flag per halving (len(--dim-mult) - 1 = {len(mult) - 1}), "
+            f"got {len(flags)}"
+        )
+    return {"dim_mult": mult, "temperal_downsample": [f == "true" for f in flags]}
+
+
+def save_state(path: Path, model, optimizer, generator: torch.Generator, step: int, elapsed: float) -> None:
+    """The training state (weights, optimiser, sampler, clock), written under a temporary name and
+    renamed so that a kill leaves the previous state whole."""
+    tmp = path.with_name(path.name + ".partial")
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "generator": generator.get_state(),
+        "step": step,
+        "elapsed": elapsed,
+    }
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
 def to_unit(x: torch.Tensor) -> torch.Tensor:
     return x.float() / 127.5 - 1
 
@@ -96,6 +128,20 @@ def foreground(x: torch.Tensor) -> torch.Tensor:
     background = x[:, :, 0].flatten(2).median(dim=2).values  # [N, 3]
     difference = (x.int() - background[:, :, None, None, None].int()).abs().sum(dim=1)  # [N, F, H, W]
     return difference > FOREGROUND_THRESHOLD
+
+
+def loss_weights(mask: torch.Tensor, foreground_weight: float) -> torch.Tensor:
+    """Per-pixel loss weights from a ``[N, 1, F, H, W]`` subjects' mask: ``foreground_weight`` on
+    the subjects' pixels, 1 elsewhere, scaled so that every item's weights average 1 (the loss keeps
+    its scale whatever share of an item the subjects cover)."""
+    weights = 1 + (foreground_weight - 1) * mask.float()
+    return weights / weights.mean(dim=(1, 2, 3, 4), keepdim=True)
+
+
+def reconstruction_loss(out: torch.Tensor, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted L1 + MSE over pixels (``weights`` broadcast over the RGB channels)."""
+    error = out - x
+    return (weights * (error.abs() + error.pow(2))).mean()
 
 
 def random_crop(x: torch.Tensor, size: int, frames: int, generator: torch.Generator) -> torch.Tensor:
@@ -149,6 +195,18 @@ def main(argv=None) -> int:
     parser.add_argument("--schedule", choices=("constant", "cosine"), default="constant", help="lr over the budget")
     parser.add_argument("--warmup-fraction", type=float, default=0.0, help="share of the budget warming up")
     parser.add_argument("--min-lr-fraction", type=float, default=0.05, help="cosine floor, as a share of --lr")
+    parser.add_argument(
+        "--foreground-weight", type=float, default=1.0, help="loss weight of the subjects' pixels (background 1)"
+    )
+    parser.add_argument("--z-dim", type=int, default=16)
+    parser.add_argument("--dim-mult", default="1,2,2,2", help="width multiples per level: levels - 1 halvings of H, W")
+    parser.add_argument(
+        "--temporal-downsample", default="false,true,true", help="per halving of H, W: whether time is halved too"
+    )
+    parser.add_argument(
+        "--checkpoint", help="training state file: saved every --checkpoint-minutes, resumed when present"
+    )
+    parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -168,7 +226,20 @@ def main(argv=None) -> int:
     if args.init:
         model = AutoencoderKLWan.from_pretrained(args.init)
     else:
-        model = AutoencoderKLWan(base_dim=args.base_dim, z_dim=16, num_res_blocks=1, dim_mult=[1, 2, 2, 2])
+        try:
+            architecture = parse_architecture(args.dim_mult, args.temporal_downsample)
+        except ValueError as error:
+            parser.error(str(error))
+        temporal, spatial = vae_strides(architecture)
+        # diffusers stores the scale factors rather than deriving them: set them from the levels.
+        model = AutoencoderKLWan(
+            base_dim=args.base_dim,
+            z_dim=args.z_dim,
+            num_res_blocks=1,
+            scale_factor_temporal=temporal,
+            scale_factor_spatial=spatial,
+            **architecture,
+        )
     temporal, spatial = vae_strides(model.config)
     if args.crop % spatial or (args.frames - 1) % frame_multiple(temporal):
         parser.error(
@@ -183,32 +254,46 @@ def main(argv=None) -> int:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(args.seed)
-    start = time.time()
-    deadline = start + 60 * args.minutes
-    full_from = deadline - 60 * args.minutes * args.full_fraction
+    step, elapsed = 0, 0.0
+    checkpoint = Path(args.checkpoint) if args.checkpoint else None
+    if checkpoint and checkpoint.is_file():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        step, elapsed = int(state["step"]), float(state["elapsed"])
+        log.info("resumed %s: step %d, %.1f of %.1f minutes done", checkpoint, step, elapsed / 60, args.minutes)
+    budget = 60 * args.minutes
+    full_from = budget * (1 - args.full_fraction)
     schedule = ScheduleConfig(
         style=args.schedule,
         warmup_fraction=args.warmup_fraction,
         release_warmup=False,
         min_lr_fraction=args.min_lr_fraction,
     )
-    step = 0
-    bar = tqdm(desc="vae", unit="step")
-    while (now := time.time()) < deadline:
+    # The budget is a clock of training time that a resume continues (time between sittings does not count).
+    started, elapsed_before = time.time(), elapsed
+    saved_at = elapsed
+    bar = tqdm(desc="vae", unit="step", initial=step)
+    while (elapsed := elapsed_before + time.time() - started) < budget:
         for group in optimizer.param_groups:
-            group["lr"] = budget_lr(args.lr, (now - start) / (deadline - start), schedule)
+            group["lr"] = budget_lr(args.lr, elapsed / budget, schedule)
         clip_idx = torch.randint(len(train), (args.batch,), generator=generator)
         ref_idx = torch.randint(len(refs), (args.batch,), generator=generator)
-        clips, images = train[clip_idx], refs[ref_idx]
-        if now < full_from:
+        # the subjects' mask travels with the pixels as a 4th channel, so a crop keeps them aligned
+        clips = torch.cat([train[clip_idx], foreground(train[clip_idx])[:, None].to(torch.uint8)], dim=1)
+        images = torch.cat([refs[ref_idx], foreground(refs[ref_idx])[:, None].to(torch.uint8)], dim=1)
+        if elapsed < full_from:
             clips = random_crop(clips, args.crop, args.frames, generator)
             images = random_crop(images, args.crop, 1, generator)
         loss = 0.0
-        for x in (to_unit(clips), to_unit(images)):
+        for batch in (clips, images):
+            x = to_unit(batch[:, :3])  # [N, 3, F, H, W]
+            weights = loss_weights(batch[:, 3:], args.foreground_weight)  # [N, 1, F, H, W]
             posterior = model.encode(x).latent_dist
             z = posterior.sample(generator=None) if args.sample_posterior else posterior.mode()
             out = model.decode(z).sample
-            loss = loss + (out - x).abs().mean() + (out - x).pow(2).mean() + KL_WEIGHT * posterior.kl().mean()
+            loss = loss + reconstruction_loss(out, x, weights) + KL_WEIGHT * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -217,6 +302,13 @@ def main(argv=None) -> int:
         bar.update()
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        elapsed = elapsed_before + time.time() - started
+        if checkpoint and elapsed - saved_at >= 60 * args.checkpoint_minutes:
+            save_state(checkpoint, model, optimizer, generator, step, elapsed)
+            saved_at = elapsed
+    bar.close()
+    if checkpoint:
+        save_state(checkpoint, model, optimizer, generator, step, elapsed)
     model.eval()
     with torch.no_grad():
         latents = torch.cat(
@@ -243,6 +335,7 @@ def main(argv=None) -> int:
         "lr": args.lr,
         "schedule": args.schedule,
         "min_lr_fraction": args.min_lr_fraction,
+        "foreground_weight": args.foreground_weight,
         "psnr_heldout_db": score,
         "psnr_heldout_subjects_db": score_subjects,
     }
