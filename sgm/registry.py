@@ -54,6 +54,20 @@ ARCHITECTURES: dict[str, DiTConfig] = {
         in_channels=16,
         out_channels=16,
     ),
+    # The shipped demo model (assets/kaleido-shapes): kaleido-tiny made deeper and wider, with 4x4
+    # patches over the demo VAE's 4x-spatial latents (a token still covers 16x16 pixels); the size
+    # the 150-minute CPU budget trained best among three probes (model card).
+    "kaleido-shapes": DiTConfig(
+        num_layers=6,
+        hidden_size=192,
+        num_attention_heads=4,
+        inner_hidden_size=768,
+        time_freq_dim=64,
+        text_dim=64,
+        in_channels=16,
+        out_channels=16,
+        patch_size=(1, 4, 4),
+    ),
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

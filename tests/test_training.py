@@ -247,6 +247,28 @@ def test_precomputed_latents_train_like_videos(tmp_path):
     bad = subprocess.run([*tool, "--shard", "2/2"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "--shard must be K/N" in bad.stderr
 
+    # a rerun keeps a file only when its inputs are proven the same: VAE, data settings, sample files
+    def rerun(*extra: str) -> str:
+        result = subprocess.run([*tool, *extra], cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stderr
+
+    def stamps() -> dict:
+        return {p.name: p.stat().st_mtime_ns for p in (root / "latents").iterdir()}
+
+    before = stamps()
+    assert "0 written (0 of them replacing latents of other inputs), 3 already there" in rerun()
+    assert stamps() == before
+    reference = next((root / "references" / "clip001").iterdir())
+    reference.write_bytes(reference.read_bytes() + b"\0")  # same image, other bytes: its digest changes
+    assert "1 written (1 of them replacing latents of other inputs), 2 already there" in rerun()
+    after = stamps()
+    assert after["clip001.safetensors"] != before["clip001.safetensors"]
+    assert {k: v for k, v in after.items() if k != "clip001.safetensors"} == {
+        k: v for k, v in before.items() if k != "clip001.safetensors"
+    }
+    assert "3 written (3 of them replacing" in rerun("data.fps=4")  # another data setting: all again
+
 
 class _Payload:
     """Unpickling this runs ``os.system`` (what a planted checkpoint would do)."""

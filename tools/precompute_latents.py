@@ -5,19 +5,25 @@
 Reads the dataset exactly as training does (frame rule, resize and crop, letterboxed references),
 encodes the video and every reference (one frame each) and writes
 ``<data.root>/latents/<id>.safetensors`` (``video [T, C, h, w]``, ``subjects [N, C, h, w]``,
-float32), each through a temporary name. Train on them with ``data.latents=true``. Existing files
-are kept (rerun after an interruption); bad samples are skipped and counted. ``--shard K/N`` splits
-the work between N processes started at once (e.g. one thread each on a CPU).
+float32), each through a temporary name. Train on them with ``data.latents=true``. Each file's
+metadata records what made it: the digest of the VAE's files, the data settings that shape the
+inputs, and the digest of the sample's video and reference files. On a rerun (after an
+interruption) a file is kept only when all three match; otherwise it is encoded again (a new VAE, a
+changed clip). Bad samples are skipped and counted. ``--shard K/N`` splits the work between N
+processes started at once (e.g. one thread each on a CPU).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import sys
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -31,6 +37,40 @@ from sgm.registry import resolve_device  # noqa: E402
 from sgm.training import TrainingConfig  # noqa: E402
 
 log = logging.getLogger("precompute_latents")
+SETTINGS_KEYS = ("height", "width", "num_frames", "fps", "max_references")  # data settings that shape the inputs
+
+
+def files_digest(paths: list[Path]) -> str:
+    """sha256 over the names (relative to their common folder) and contents of ``paths``."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def vae_digest(path: str | Path) -> str:
+    """Digest of a VAE on disk: every file of a diffusers folder, or the one ``.pth``."""
+    path = Path(path)
+    return files_digest(sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path])
+
+
+def sample_digest(root: Path, sample_id: str) -> str:
+    """Digest of the files a sample's latents are made from: its video and its reference images."""
+    references = root / "references" / sample_id
+    images = sorted(p for p in references.iterdir() if p.is_file()) if references.is_dir() else []
+    return files_digest([root / "videos" / f"{sample_id}.mp4", *images])
+
+
+def recorded(path: Path) -> dict | None:
+    """The metadata a latent file was written with, or None when unreadable."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.metadata()
+    except Exception:  # a truncated or foreign file is encoded again
+        return None
 
 
 def main(argv=None) -> int:
@@ -52,14 +92,22 @@ def main(argv=None) -> int:
     device = resolve_device(config.device)
     config.vae.path = components.vae_path
     vae = build_vae(config.vae, device)
-    out = Path(config.data.root) / LATENT_FOLDER
+    root = Path(config.data.root)
+    out = root / LATENT_FOLDER
     out.mkdir(exist_ok=True)
-    written = skipped = kept = 0
+    inputs = {
+        "vae": vae_digest(config.vae.path),
+        "settings": json.dumps({key: getattr(config.data, key) for key in SETTINGS_KEYS}, sort_keys=True),
+    }
+    written = skipped = kept = replaced = 0
     for sample_id in tqdm(dataset.ids[shard::shards], desc="latents"):
         target = out / f"{sample_id}.safetensors"
+        metadata = {**inputs, "source": sample_digest(root, sample_id)}
         if target.is_file():
-            kept += 1
-            continue
+            if recorded(target) == metadata:
+                kept += 1
+                continue
+            replaced += 1
         try:
             sample = dataset.load(sample_id)
         except BadSampleError as exc:
@@ -70,10 +118,18 @@ def main(argv=None) -> int:
             video = vae.encode(sample["mp4"][None].to(device).transpose(1, 2))[0]  # [T, C, h, w]
             subjects = vae.encode_references(sample["subject_images"][None].to(device))[0]  # [N, C, h, w]
         tmp = target.with_suffix(".partial")
-        save_file({"video": video.cpu().contiguous(), "subjects": subjects.cpu().contiguous()}, str(tmp))
+        tensors = {"video": video.cpu().contiguous(), "subjects": subjects.cpu().contiguous()}
+        save_file(tensors, str(tmp), metadata=metadata)
         os.replace(tmp, target)
         written += 1
-    log.info("%d written, %d already there, %d bad samples skipped -> %s", written, kept, skipped, out)
+    log.info(
+        "%d written (%d of them replacing latents of other inputs), %d already there, %d bad samples skipped -> %s",
+        written,
+        replaced,
+        kept,
+        skipped,
+        out,
+    )
     return 0
 
 
