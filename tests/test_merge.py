@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -205,7 +206,12 @@ def test_converter_cli_round_trip_and_diffusers_export_runs(tmp_path, source):
     ):
         result = subprocess.run([*run, *args, "--model", "kaleido-tiny"], cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
-    for path in (tmp_path / "sat", tmp_path / "back", tmp_path / "k.safetensors"):
+    # one iteration's folder of a training run: the model file is read, the optimizer's never is
+    torch.save({"scaler": Fraction(1, 2)}, tmp_path / "sat" / "1" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    one = ["kaleido2safetensors", "--input", str(tmp_path / "sat" / "1"), "--output", str(tmp_path / "i.safetensors")]
+    result = subprocess.run([*run, *one, "--model", "kaleido-tiny"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    for path in (tmp_path / "sat", tmp_path / "back", tmp_path / "k.safetensors", tmp_path / "i.safetensors"):
         loaded = read_dit_checkpoint(path)
         assert all(torch.equal(loaded[k], kaleido[k]) for k in kaleido) and set(loaded) == set(kaleido)
         card, _ = find_model_card(path)

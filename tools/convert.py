@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sgm.checkpoint import (  # noqa: E402
     LATEST_FILE,
+    SAT_MODEL_FILE,
     extract_dit_state_dict,
     read_state_dict,
     resolve_checkpoint,
@@ -58,8 +59,9 @@ WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 def read_any(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a file, a SAT folder, or a folder of weight shards (all merged)."""
-    if path.is_dir() and not (path / LATEST_FILE).is_file():
+    """A state dict from a file, a SAT folder (or one iteration's folder of it: its model file only,
+    not the optimizer's), or a folder of weight shards (all merged)."""
+    if path.is_dir() and not (path / LATEST_FILE).is_file() and not (path / SAT_MODEL_FILE).is_file():
         shards = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_FILES)
         if not shards:
             raise FileNotFoundError(f"{path}: no weight files")
