@@ -1,5 +1,6 @@
 """ComfyUI's Wan2.1 layout: export (bf16, fp8, scaled fp8) and import (community files included)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from sgm.convert.comfyui import comfyui_to_kaleido, kaleido_to_comfyui
 from sgm.registry import build_dit
 
 ROOT = Path(__file__).resolve().parents[1]
+DEMO_NAME = json.loads((ROOT / "assets/kaleido-shapes/kaleido_model.json").read_text())["name"]  # its architecture
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +83,8 @@ def test_convert_cli_exports_and_imports_the_demo_model(tmp_path):
     comfy, back = tmp_path / "comfy.safetensors", tmp_path / "back" / "kaleido.safetensors"
     common = [sys.executable, "tools/convert.py"]
     for argv in (
-        ["kaleido2comfyui", "--input", str(demo), "--output", str(comfy), "--model", "kaleido-tiny", "--format", "fp8"],
-        ["comfyui2kaleido", "--input", str(comfy), "--output", str(back), "--model", "kaleido-tiny"],
+        ["kaleido2comfyui", "--input", str(demo), "--output", str(comfy), "--model", DEMO_NAME, "--format", "fp8"],
+        ["comfyui2kaleido", "--input", str(comfy), "--output", str(back), "--model", DEMO_NAME],
     ):
         result = subprocess.run([*common, *argv], cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-2000:]
@@ -127,7 +129,7 @@ def test_prequantized_files_load_without_widening_and_sample_like_on_the_fly_fp8
         ["kaleido2comfyui", "--input", str(demo), "--output", str(comfy), "--format", "fp8_scaled"],
         ["comfyui2kaleido", "--input", str(comfy), "--output", str(back), "--keep-fp8"],
     ):
-        result = subprocess.run([*common, *argv, "--model", "kaleido-tiny"], cwd=ROOT, capture_output=True, text=True)
+        result = subprocess.run([*common, *argv, "--model", DEMO_NAME], cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-2000:]
     refs = [load_reference(str(ROOT / "assets/kaleido-shapes/examples/heldout_00009_ref1.png"))]
 

@@ -338,7 +338,8 @@ def test_lora_training_learns_resumes_exactly_and_changes_the_demo_model(tmp_pat
     values = losses(tmp_path / "whole")
     assert len(values) == 24 and sum(values[-6:]) / 6 < 0.8 * sum(values[:6]) / 6  # the loss falls
     info = json.loads((tmp_path / "whole" / "lora.json").read_text())
-    assert (info["rank"], info["alpha"], info["base"]["name"]) == (4, 4.0, "kaleido-tiny")
+    demo_name = json.loads((ROOT / "assets/kaleido-shapes/kaleido_model.json").read_text())["name"]
+    assert (info["rank"], info["alpha"], info["base"]["name"]) == (4, 4.0, demo_name)
     module = read_state_dict(tmp_path / "whole" / "24" / "mp_rank_00_model_states.pt")
     assert module and all("lora_" in key for key in module)  # adapters only, not the frozen base
     lora_file = tmp_path / "whole" / "24" / "lora.safetensors"

@@ -80,16 +80,17 @@ def test_the_overlap_frames_of_a_segment_are_the_previous_segments_last():
 
 def test_three_segments_with_an_overlap_of_two(pipe):
     three = pipe.generate_latents("the first object bounces", seed=3, segments=3, overlap=2)
-    t = pipe.geometry.latent_frames(pipe.settings.num_frames)  # 3 latent frames per segment
-    assert three.shape[1] == t + 2 * (t - 2) == 5
+    t = pipe.geometry.latent_frames(pipe.settings.num_frames)  # latent frames per segment (3 for the demo)
+    assert three.shape[1] == t + 2 * (t - 2) == joined_latent_frames(t, segments=3, overlap=2)
     assert torch.equal(three[:, :t], pipe.generate_latents("the first object bounces", seed=3))
 
 
 def test_segments_off_is_plain_and_bad_settings_are_refused(pipe):
     plain = pipe.generate_latents("the first object moves up", seed=2)
     assert torch.equal(pipe.generate_latents("the first object moves up", seed=2, segments=1, overlap=2), plain)
-    with pytest.raises(ValueError, match="overlap: expected 1 to 2 latent frames"):
-        pipe.generate_latents("x", seed=2, segments=2, overlap=3)
+    t = pipe.geometry.latent_frames(pipe.settings.num_frames)
+    with pytest.raises(ValueError, match=f"overlap: expected 1 to {t - 1} latent frames"):
+        pipe.generate_latents("x", seed=2, segments=2, overlap=t)
     with pytest.raises(ValueError, match="segments: expected 1 or more"):
         pipe.check(height=96, width=96, num_frames=9, references=0, segments=0)
     config = load_config(SamplingConfig, [str(ROOT / "configs/sampling/shapes.yaml")], ["segments=2", "overlap=0"])
