@@ -54,9 +54,9 @@ ARCHITECTURES: dict[str, DiTConfig] = {
         in_channels=16,
         out_channels=16,
     ),
-    # The shipped demo model (assets/kaleido-shapes): kaleido-tiny made deeper and wider, with 4x4
-    # patches over the demo VAE's 4x-spatial latents (a token still covers 16x16 pixels); the size
-    # the 150-minute CPU budget trained best among three probes (model card).
+    # Issue 19's candidate demo model (trained, not shipped: model card): kaleido-tiny made deeper and
+    # wider, with 4x4 patches over the 4x-spatial latents of assets/kaleido-shapes-next/vae (a token
+    # still covers 16x16 pixels); the lowest loss of three 6-minute CPU probes.
     "kaleido-shapes": DiTConfig(
         num_layers=6,
         hidden_size=192,
