@@ -164,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                 parallel=parallel,
                 geometry=components.geometry,
                 sp_split=config.sp_split,
+                subject_weight=config.subject_loss_weight,
             )
             engine.backward(loss)
             engine.step()

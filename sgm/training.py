@@ -74,6 +74,7 @@ class TrainingConfig(ComponentsConfig):
     gradient_accumulation: int = 8
     zero_stage: int = 2
     ucg_rate: float = 0.1
+    subject_loss_weight: float = 1.0  # > 1: the loss leans toward the subjects' latent cells (1: the release's)
     save: str = "checkpoints/kaleido"
     save_interval: int = 100
     keep_last: int = 3
@@ -87,6 +88,8 @@ def validate_training(config: TrainingConfig, components: Components) -> None:
     for key in ("train_iters", "micro_batch_size", "gradient_accumulation", "save_interval", "log_interval"):
         if getattr(config, key) < 1:
             raise ValueError(f"{key}: expected at least 1, got {getattr(config, key)}")
+    if not config.subject_loss_weight > 0:
+        raise ValueError(f"subject_loss_weight: expected a number > 0, got {config.subject_loss_weight}")
     check_device(config.device)
     components.geometry.check_size(config.data.height, config.data.width, "data.height, data.width")
     if config.lora.rank > 0 and config.zero_stage == 3:

@@ -179,7 +179,7 @@ def test_vae_learning_rate_follows_the_time_budget():
 def test_vae_foreground_is_the_subjects_pixels():
     import torch
 
-    from tools.train_vae import foreground
+    from sgm.data.subject_mask import foreground
 
     x = torch.full((2, 3, 5, 96, 96), 110, dtype=torch.uint8)  # plain grey clips
     x[:, 0, :, 38:58, 30:50] = 220  # a 20 × 20 reddish subject in every frame
@@ -245,7 +245,7 @@ def test_vae_training_tool_takes_the_architecture_and_resumes(tmp_path):
 def test_vae_loss_weights_favour_the_subjects_and_average_one():
     import torch
 
-    from tools.train_vae import loss_weights
+    from sgm.data.subject_mask import subject_loss_weights as loss_weights
 
     mask = torch.zeros(2, 1, 1, 10, 10, dtype=torch.uint8)
     mask[0, :, :, :2, :5] = 1  # 10 of 100 pixels

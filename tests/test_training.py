@@ -239,11 +239,16 @@ def test_precomputed_latents_train_like_videos(tmp_path):
         [*tool, "--shard", "1/2"],
         [*base, f"save={tmp_path / 'videos'}"],
         [*base, f"save={tmp_path / 'latents'}", "data.latents=true"],
+        [*base, f"save={tmp_path / 'videos-weighted'}", "subject_loss_weight=10"],
+        [*base, f"save={tmp_path / 'latents-weighted'}", "data.latents=true", "subject_loss_weight=10"],
     ):
         result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in (root / "latents").iterdir()) == [f"clip00{i}.safetensors" for i in range(3)]
     assert losses(tmp_path / "videos") == losses(tmp_path / "latents")  # the same numbers, without the VAE
+    # the stored subject masks are the ones found in the videos: the weighted losses agree too
+    assert losses(tmp_path / "videos-weighted") == losses(tmp_path / "latents-weighted")
+    assert losses(tmp_path / "videos-weighted") != losses(tmp_path / "videos")
     bad = subprocess.run([*tool, "--shard", "2/2"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "--shard must be K/N" in bad.stderr
 

@@ -5,7 +5,8 @@
 Reads the dataset exactly as training does (frame rule, resize and crop, letterboxed references),
 encodes the video and every reference (one frame each) and writes
 ``<data.root>/latents/<id>.safetensors`` (``video [T, C, h, w]``, ``subjects [N, C, h, w]``,
-float32), each through a temporary name. Train on them with ``data.latents=true``. Each file's
+float32; ``subject_mask [T, h, w]``, uint8: the latent cells that encode a subject's pixels, for
+``subject_loss_weight``), each through a temporary name. Train on them with ``data.latents=true``. Each file's
 metadata records what made it: the digest of the VAE's files, the data settings that shape the
 inputs, and the digest of the sample's video and reference files. On a rerun (after an
 interruption) a file is kept only when all three match; otherwise it is encoded again (a new VAE, a
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sat.arguments import config_parser, parse_config  # noqa: E402
+from sgm.data.subject_mask import FOREGROUND_THRESHOLD, foreground, latent_mask, to_uint8  # noqa: E402
 from sgm.data.video import LATENT_FOLDER, BadSampleError, VideoDataset  # noqa: E402
 from sgm.models.wan_vae import build_vae, frame_multiple  # noqa: E402
 from sgm.pipeline import resolve_components  # noqa: E402
@@ -98,7 +100,9 @@ def main(argv=None) -> int:
     inputs = {
         "vae": vae_digest(config.vae.path),
         "settings": json.dumps({key: getattr(config.data, key) for key in SETTINGS_KEYS}, sort_keys=True),
+        "subject_mask": f"foreground threshold {FOREGROUND_THRESHOLD}",  # files from before masks are encoded again
     }
+    geometry = components.geometry
     written = skipped = kept = replaced = 0
     for sample_id in tqdm(dataset.ids[shard::shards], desc="latents"):
         target = out / f"{sample_id}.safetensors"
@@ -117,8 +121,14 @@ def main(argv=None) -> int:
         with torch.no_grad():
             video = vae.encode(sample["mp4"][None].to(device).transpose(1, 2))[0]  # [T, C, h, w]
             subjects = vae.encode_references(sample["subject_images"][None].to(device))[0]  # [N, C, h, w]
+        pixels = foreground(to_uint8(sample["mp4"]).transpose(0, 1)[None])  # [1, F, H, W]
+        mask = latent_mask(pixels, temporal_stride=geometry.temporal_stride, spatial_stride=geometry.spatial_stride)
         tmp = target.with_suffix(".partial")
-        tensors = {"video": video.cpu().contiguous(), "subjects": subjects.cpu().contiguous()}
+        tensors = {
+            "video": video.cpu().contiguous(),
+            "subjects": subjects.cpu().contiguous(),
+            "subject_mask": mask[0].to(torch.uint8).contiguous(),  # [T, h, w]
+        }
         save_file(tensors, str(tmp), metadata=metadata)
         os.replace(tmp, target)
         written += 1

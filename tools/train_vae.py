@@ -56,12 +56,12 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sat.training import ScheduleConfig, lr_factor  # noqa: E402
+from sgm.data.subject_mask import foreground, subject_loss_weights  # noqa: E402
 from sgm.models.wan_vae import frame_multiple, use_fast_rms_norms, vae_strides  # noqa: E402
 
 log = logging.getLogger("train_vae")
 KL_WEIGHT = 1e-6
 SCHEDULE_TICKS = 1000  # the time budget as a clock of this many ticks for sat.training.lr_factor
-FOREGROUND_THRESHOLD = 30  # summed |RGB - background| (of 765) above which a pixel is a subject's
 
 
 def load_clips(folder: Path, limit: int) -> torch.Tensor:
@@ -116,26 +116,6 @@ def save_state(path: Path, model, optimizer, generator: torch.Generator, step: i
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
     return x.float() / 127.5 - 1
-
-
-def foreground(x: torch.Tensor) -> torch.Tensor:
-    """``[N, 3, F, H, W]`` uint8 -> bool ``[N, F, H, W]``: the pixels of subjects.
-
-    A pixel is foreground when it differs from its item's background (the per-channel median of the
-    first frame: the world's backgrounds are plain and cover most of every frame) by more than
-    ``FOREGROUND_THRESHOLD`` in summed absolute RGB.
-    """
-    background = x[:, :, 0].flatten(2).median(dim=2).values  # [N, 3]
-    difference = (x.int() - background[:, :, None, None, None].int()).abs().sum(dim=1)  # [N, F, H, W]
-    return difference > FOREGROUND_THRESHOLD
-
-
-def loss_weights(mask: torch.Tensor, foreground_weight: float) -> torch.Tensor:
-    """Per-pixel loss weights from a ``[N, 1, F, H, W]`` subjects' mask: ``foreground_weight`` on
-    the subjects' pixels, 1 elsewhere, scaled so that every item's weights average 1 (the loss keeps
-    its scale whatever share of an item the subjects cover)."""
-    weights = 1 + (foreground_weight - 1) * mask.float()
-    return weights / weights.mean(dim=(1, 2, 3, 4), keepdim=True)
 
 
 def reconstruction_loss(out: torch.Tensor, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -289,7 +269,7 @@ def main(argv=None) -> int:
         loss = 0.0
         for batch in (clips, images):
             x = to_unit(batch[:, :3])  # [N, 3, F, H, W]
-            weights = loss_weights(batch[:, 3:], args.foreground_weight)  # [N, 1, F, H, W]
+            weights = subject_loss_weights(batch[:, 3:], args.foreground_weight)  # [N, 1, F, H, W]
             posterior = model.encode(x).latent_dist
             z = posterior.sample(generator=None) if args.sample_posterior else posterior.mode()
             out = model.decode(z).sample

@@ -169,14 +169,17 @@ class VideoDataset(IterableDataset):
         }
 
     def load_latents(self, sample_id: str, caption: str) -> dict:
-        """A precomputed sample: ``latents [T, C, h, w]`` and ``subject_latents [N, C, h, w]``."""
+        """A precomputed sample: ``latents [T, C, h, w]``, ``subject_latents [N, C, h, w]`` and, in
+        files that have it, ``subject_mask [T, h, w]`` (bool)."""
         from safetensors.torch import load_file
 
         path = self.root / LATENT_FOLDER / f"{sample_id}.safetensors"
         if not path.is_file():
             raise BadSampleError(f"{sample_id}: no precomputed latents {path}")
         tensors = load_file(str(path))
+        mask = {"subject_mask": tensors["subject_mask"].bool()} if "subject_mask" in tensors else {}
         return {
+            **mask,
             "id": sample_id,
             "latents": tensors["video"],
             "subject_latents": tensors["subjects"][: self.config.max_references],
@@ -261,6 +264,8 @@ def collate(samples: list[dict]) -> dict:
         num_frames=torch.tensor([s["num_frames"] for s in good]),
         ids=[s["id"] for s in good],
     )
+    if all("subject_mask" in s for s in good):
+        batch["subject_mask"] = torch.stack([s["subject_mask"] for s in good])
     return batch
 
 

@@ -2,7 +2,8 @@
 
 ``σ = shift(sigmoid(n))`` with ``n ~ N(0, 1)`` (logit-normal) and the resolution-dependent shift;
 ``x_σ = (1 − σ)·x0 + σ·ε``; the network predicts the velocity ``ε − x0``; unweighted MSE over
-every latent element, averaged over the batch.
+every latent element, averaged over the batch (optionally weighted per element, e.g. toward the
+subjects: ``sgm.data.subject_mask``).
 """
 
 from __future__ import annotations
@@ -30,9 +31,12 @@ def rf_loss(
     sigmas: torch.Tensor,
     context: torch.Tensor,
     subjects: torch.Tensor | list[torch.Tensor] | None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean squared velocity error (a scalar) for latents ``x0 [B, T, C, h, w]`` at noise levels ``sigmas [B]``."""
+    """Mean squared velocity error (a scalar) for latents ``x0 [B, T, C, h, w]`` at noise levels
+    ``sigmas [B]``; ``weights`` (broadcast against ``x0``) scale each element's squared error."""
     s = sigmas.to(device=x0.device, dtype=torch.float32).view(-1, 1, 1, 1, 1)
     x_sigma = x0 * (1 - s) + noise * s
     velocity = network(x_sigma, sigmas.to(x0.device) * TIMESTEP_SCALE, context, subjects)
-    return (velocity.float() - (noise - x0)).pow(2).mean()
+    error = (velocity.float() - (noise - x0)).pow(2)
+    return (error if weights is None else error * weights).mean()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from sat.parallel import ParallelState, shard, split_dim, token_offset
+from sgm.data.subject_mask import foreground, latent_mask, subject_loss_weights, to_uint8
 from sgm.diffusion.loss import rf_loss, training_sigmas
 from sgm.geometry import VideoGeometry
 from sgm.models.wan_vae import WanVAE
@@ -38,11 +39,16 @@ def training_loss(
     parallel: ParallelState,
     geometry: VideoGeometry,
     sp_split: str = "auto",
+    subject_weight: float = 1.0,
 ) -> torch.Tensor:
     """The rectified-flow loss of one micro-batch (``mp4 [B, F, 3, H, W]``, ``subject_images
     [B, N, 3, H, W]``, ``txt``; or precomputed ``latents [B, T, C, h, w]`` and ``subject_latents
     [B, N, C, h, w]``); ``network(x, timesteps, context, subjects, token_offset=...)``. The
-    resolution shift and the sequence-parallel slicing follow ``geometry``'s DiT patch."""
+    resolution shift and the sequence-parallel slicing follow ``geometry``'s DiT patch.
+
+    ``subject_weight`` ≠ 1 weights the squared error of the latent cells that encode a subject
+    (``subject_mask [B, T, h, w]`` of precomputed latents, or found in ``mp4``) by that factor
+    against 1 elsewhere, each item's weights averaging 1; 1 is the release's unweighted loss."""
     device = vae.multiplier.device
     with torch.no_grad():
         if "latents" in batch:
@@ -51,11 +57,32 @@ def training_loss(
             x0 = vae.encode(batch["mp4"].to(device).transpose(1, 2))  # [B, T, C, h, w]
             subjects = vae.encode_references(batch["subject_images"].to(device))
         context = conditioner(batch["txt"], step=step, data_rank=parallel.dp_rank)[0]["crossattn"]
+    weights = None
+    if subject_weight != 1.0:
+        weights = subject_loss_weights(batch_subject_mask(batch, geometry).to(device), subject_weight)
+        weights = weights[:, :, None]  # [B, T, 1, h, w]: one weight per latent cell, for every channel
     generator = step_generator(seed, step, parallel.dp_rank)
     sigmas = training_sigmas(x0.shape[0], geometry.tokens_per_frame(x0.shape[3], x0.shape[4]), generator)
     noise = torch.randn(x0.shape, generator=generator).to(device)
     patch = geometry.patch_size[1:]
     dim = split_dim(x0.shape[3], parallel.sp_size, sp_split, patch=patch)
     x0, noise, subjects = (shard(t, dim, parallel, patch=patch) for t in (x0, noise, subjects))
+    if weights is not None:  # normalised over the whole item above, so the shards' mean is the item's
+        weights = shard(weights, dim, parallel, patch=patch)
     offset = token_offset(tuple(x0.shape), dim, parallel, patch=patch)
-    return rf_loss(lambda x, t, c, s: network(x, t, c, s, token_offset=offset), x0, noise, sigmas, context, subjects)
+    return rf_loss(
+        lambda x, t, c, s: network(x, t, c, s, token_offset=offset), x0, noise, sigmas, context, subjects, weights
+    )
+
+
+def batch_subject_mask(batch: dict, geometry: VideoGeometry) -> torch.Tensor:
+    """``[B, T, h, w]`` bool: the latent cells of a batch that encode a subject's pixels."""
+    if "subject_mask" in batch:
+        return batch["subject_mask"]
+    if "mp4" not in batch:
+        raise ValueError(
+            "subject_loss_weight: these precomputed latents have no subject_mask; "
+            "run tools/precompute_latents.py again to add it"
+        )
+    pixels = foreground(to_uint8(batch["mp4"]).transpose(1, 2))  # [B, F, H, W]
+    return latent_mask(pixels, temporal_stride=geometry.temporal_stride, spatial_stride=geometry.spatial_stride)
