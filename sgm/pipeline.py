@@ -118,6 +118,7 @@ class SamplingConfig(ComponentsConfig):
     overlap: int = 1  # latent frames a segment shares with the previous one (held fixed, re-noised per step)
     prompt_extend: PromptExtendConfig = field(default_factory=PromptExtendConfig)  # an LLM rewrites the prompt
     reference_guidance_scale: float | None = None  # set: text and references guided apart (3 evaluations per step)
+    reference_guidance_interval: list[float] | None = None  # [low, high]: reference guidance only at σ in it
     cfg_parallel_size: int = 1  # 2: a step's guidance evaluations on 2 ranks (world = data × cfg × sp)
     cache: StepCacheConfig = field(default_factory=StepCacheConfig)  # step caching (First Block Cache)
     compile: bool = False  # torch.compile the DiT's blocks (pays on GPUs; measured in benchmarks/sample_step.py)
@@ -252,6 +253,7 @@ def check_guidance(config: SamplingConfig) -> None:
     if ref is not None and not math.isfinite(ref):
         raise ValueError(f"reference_guidance_scale: expected a finite number or null, got {ref}")
     evaluations = evaluations_per_step(config.guidance_scale, ref)
+    check_reference_interval(config.reference_guidance_interval, reference_guidance_scale=ref)
     if not 1 <= config.cfg_parallel_size <= max(evaluations, 1) or (config.cfg_parallel_size > 1 and evaluations == 1):
         raise ValueError(
             f"cfg_parallel_size: {config.cfg_parallel_size} ranks for {evaluations} evaluation(s) per step "
@@ -271,9 +273,33 @@ def check_guidance(config: SamplingConfig) -> None:
             f"fsdp: every rank of a video must run the DiT equally often, and {evaluations} evaluations per step do "
             f"not split evenly over cfg_parallel_size {config.cfg_parallel_size}"
         )
+    if config.fsdp and config.cfg_parallel_size > 1 and config.reference_guidance_interval is not None:
+        raise ValueError(
+            "reference_guidance_interval: steps inside the interval run 3 evaluations, the others 2, so with fsdp the "
+            "ranks of a CFG group would run the DiT unequally often (cfg_parallel_size=1 or fsdp=false)"
+        )
     if config.fsdp and config.cache.method != "none":
         raise ValueError(
             "fsdp: step caching decides per rank; the ranks sharing the weights would disagree (cache.method=none)"
+        )
+
+
+def check_reference_interval(interval: list[float] | None, *, reference_guidance_scale: float | None) -> None:
+    """Raise ``ValueError`` unless ``interval`` is null or ``[low, high]`` noise levels, 0 ≤ low ≤ high,
+    given with a reference guidance scale."""
+    if interval is None:
+        return
+    if reference_guidance_scale is None:
+        raise ValueError("reference_guidance_interval: limits reference guidance; set reference_guidance_scale too")
+    if (
+        not isinstance(interval, (list, tuple))
+        or len(interval) != 2
+        or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in interval)
+        or not 0 <= interval[0] <= interval[1]
+    ):
+        raise ValueError(
+            f"reference_guidance_interval: expected [low, high] noise levels with 0 <= low <= high (σ runs from 1 "
+            f"to 0), got {interval}"
         )
 
 
@@ -564,6 +590,7 @@ class SamplerSettings:
     segments: int = 1
     overlap: int = 1  # latent frames
     reference_guidance_scale: float | None = None
+    reference_guidance_interval: tuple[float, float] | None = None  # None: every step
 
 
 @dataclass
@@ -683,6 +710,9 @@ class KaleidoPipeline:
             segments=config.segments,
             overlap=config.overlap,
             reference_guidance_scale=config.reference_guidance_scale,
+            reference_guidance_interval=(
+                None if config.reference_guidance_interval is None else tuple(config.reference_guidance_interval)
+            ),
         )
         pipe = cls(
             dit=dit,
@@ -865,7 +895,14 @@ class KaleidoPipeline:
         scale = settings.guidance_scale if guidance_scale is None else guidance_scale
         ref_scale = settings.reference_guidance_scale if reference_guidance_scale is None else reference_guidance_scale
         denoise = guided_denoiser(
-            network, context, uncond, subjects, scale, reference_scale=ref_scale, cfg_group=self.parallel.cfg_group
+            network,
+            context,
+            uncond,
+            subjects,
+            scale,
+            reference_scale=ref_scale,
+            reference_interval=settings.reference_guidance_interval,
+            cfg_group=self.parallel.cfg_group,
         )
         sigmas = shifted_schedule(
             settings.num_steps if steps is None else steps, settings.shift if shift is None else shift

@@ -15,6 +15,7 @@ from sat.config import load_config
 from sat.parallel import check_layout, free_port
 from sgm.data.references import load_reference
 from sgm.diffusion.sampling import cfg_denoiser, guided_denoiser, reference_guided_velocity
+from sgm.diffusion.schedules import shifted_schedule
 from sgm.diffusion.step_cache import psnr
 from sgm.pipeline import KaleidoPipeline, SamplingConfig, Timings, check_guidance, evaluations_per_step
 from tests.helpers import demo_config
@@ -68,6 +69,67 @@ def test_reference_guidance_guides_text_and_references_apart():
     off = guided_denoiser(model, text, negative, subjects, 5.0)
     assert off.__qualname__ == cfg_denoiser(model, text, negative, subjects, 5.0).__qualname__
     assert torch.all(off(x, torch.tensor(0.5)) == 9 + 5.0 * (12 - 9))
+
+
+def test_reference_guidance_interval_limits_the_third_evaluation_to_its_noise_levels():
+    x = torch.zeros(1, 2, 3, 4, 4)
+    text, negative = torch.full((1, 5, 8), 2.0), torch.full((1, 5, 8), -1.0)
+    subjects = torch.zeros(1, 1, 3, 4, 4)
+    calls = []
+
+    def model(x, t, c, s):
+        calls.append((x.shape[0], s is not None))
+        return toy_model(x, t, c, s)
+
+    denoise = guided_denoiser(model, text, negative, subjects, 5.0, reference_scale=3.0, reference_interval=(0.2, 0.5))
+    cfg, guided = 9 + 5.0 * (12 - 9), -1 + 3.0 * (9 - -1) + 5.0 * (12 - 9)
+    for sigma, expected, step_calls in [
+        (0.9, cfg, [(2, True)]),  # above the interval: plain CFG, one batched call
+        (0.5, guided, [(2, True), (1, False)]),  # the bounds are inside
+        (0.35, guided, [(2, True), (1, False)]),
+        (0.2, guided, [(2, True), (1, False)]),
+        (0.1, cfg, [(2, True)]),
+    ]:
+        calls.clear()
+        assert torch.all(denoise(x, torch.tensor(sigma)) == expected), sigma
+        assert calls == step_calls, sigma
+
+
+def test_reference_guidance_interval_shortens_sampling_and_is_validated(plain, monkeypatch):
+    pipe, _, _ = plain
+    refs = [load_reference(str(REF))]
+    full, limited = Timings(), Timings()
+    every = pipe.generate_latents("the first object bounces", references=refs, seed=4, timings=full)
+    interval = demo("reference_guidance_scale=2.0", "reference_guidance_interval=[0.0,1.0]")
+    same = interval.generate_latents("the first object bounces", references=refs, seed=4)
+    guided = demo("reference_guidance_scale=2.0").generate_latents("the first object bounces", references=refs, seed=4)
+    assert torch.equal(same, guided)  # an interval holding every σ of the schedule is plain reference guidance
+    late = demo("reference_guidance_scale=2.0", "reference_guidance_interval=[0.0,0.5]")
+    late_latents = late.generate_latents("the first object bounces", references=refs, seed=4, timings=limited)
+    sigmas = shifted_schedule(8, late.settings.shift)[:-1]
+    inside = int((sigmas <= 0.5).sum())
+    assert 0 < inside < 8 and limited.network_calls == full.network_calls + inside
+    assert not torch.equal(late_latents, guided) and not torch.equal(late_latents, every)
+
+    def config(*overrides):
+        return load_config(SamplingConfig, DEMO, list(overrides))
+
+    with pytest.raises(ValueError, match="set reference_guidance_scale too"):
+        check_guidance(config("reference_guidance_interval=[0.0,0.5]"))
+    for bad in ("[0.5,0.2]", "[-0.1,0.5]", "[0.5]"):
+        with pytest.raises(ValueError, match="expected \\[low, high\\] noise levels"):
+            check_guidance(config("reference_guidance_scale=2.0", f"reference_guidance_interval={bad}"))
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ValueError, match="unequally often"):
+        check_guidance(
+            config(
+                "reference_guidance_scale=2.0",
+                "reference_guidance_interval=[0.0,0.5]",
+                "cfg_parallel_size=3",
+                "sequence_parallel_size=1",
+                "fsdp=true",
+            )
+        )
 
 
 def test_options_switched_off_are_plain_and_reference_scale_one_is_cfg(plain):
@@ -165,10 +227,11 @@ def sample(tmp_path, name: str, processes: int, *extra: str) -> torch.Tensor:
     [
         (2, ["cfg_parallel_size=2"]),
         (2, ["cfg_parallel_size=2", "reference_guidance_scale=2.0"]),
+        (3, ["cfg_parallel_size=3", "reference_guidance_scale=2.0", "reference_guidance_interval=[0.0,0.5]"]),
         (4, ["cfg_parallel_size=2", "sequence_parallel_size=2"]),
         (2, ["cfg_parallel_size=2", "fsdp=true"]),
     ],
-    ids=["cfg2", "cfg2-reference-guidance", "cfg2xsp2", "cfg2-fsdp"],
+    ids=["cfg2", "cfg2-reference-guidance", "cfg3-reference-interval", "cfg2xsp2", "cfg2-fsdp"],
 )
 def test_cfg_parallel_equals_one_process(tmp_path, processes, extra):
     guidance = [e for e in extra if e.startswith("reference")]

@@ -122,12 +122,13 @@ def reference_guided_velocity(
     return v_none + reference_scale * (v_uncond - v_none) + scale * (v_cond - v_uncond)
 
 
-def gather_evaluations(mine: list[torch.Tensor], total: int, group) -> list[torch.Tensor]:
+def gather_evaluations(mine: list[torch.Tensor], total: int, group, *, like: torch.Tensor) -> list[torch.Tensor]:
     """Every rank of ``group`` evaluated ``evaluations[rank::size]``: all of them, in order, on every rank
-    (one all-gather; a rank with fewer evaluations pads with zeros)."""
+    (one all-gather; a rank with fewer evaluations, or none, pads with zeros shaped ``like`` a velocity)."""
     size = dist.get_world_size(group)
     per_rank = -(-total // size)
-    local = torch.stack(mine + [torch.zeros_like(mine[0])] * (per_rank - len(mine)))  # [per_rank, B, T, C, h, w]
+    pad = torch.zeros_like(like, dtype=torch.float32)
+    local = torch.stack(mine + [pad] * (per_rank - len(mine)))  # [per_rank, B, T, C, h, w]
     parts = [torch.empty_like(local) for _ in range(size)]
     dist.all_gather(parts, local.contiguous(), group=group)
     return [parts[k % size][k // size] for k in range(total)]
@@ -141,12 +142,18 @@ def guided_denoiser(
     scale: float,
     *,
     reference_scale: float | None = None,
+    reference_interval: tuple[float, float] | None = None,
     cfg_group=None,
 ) -> Denoiser:
     """``cfg_denoiser`` (the release's guidance, unchanged when both options are off) with:
 
     - ``reference_scale``: a third evaluation, the negative text *without* references, so text and
       references are guided separately (``reference_guided_velocity``; 3 evaluations per step);
+    - ``reference_interval``: ``(low, high)``: reference guidance only at noise levels
+      ``low ≤ σ ≤ high``, plain CFG (2 evaluations) at the others. Guidance in a limited interval
+      (Kynkäänniemi et al. 2024, arXiv 2404.07724): the layout and motion of a video are set at high
+      noise, the subjects' outlines at low noise, so references can be pushed where they draw shapes
+      without freezing the motion (model card of the demo model);
     - ``cfg_group``: the evaluations of a step are spread over the group's ranks (rank ``r`` runs
       evaluations ``r, r + size, ...``) and one all-gather brings them together; every rank returns
       the same velocity.
@@ -159,7 +166,14 @@ def guided_denoiser(
         evaluations.append((uncond_context, False))
     size = 1 if cfg_group is None else dist.get_world_size(cfg_group)
     rank = 0 if cfg_group is None else dist.get_rank(cfg_group)
-    mine = evaluations[rank::size]
+
+    def step_evaluations(sigma: torch.Tensor) -> list:
+        """This step's evaluations: the third only inside ``reference_interval``."""
+        if len(evaluations) == 3 and reference_interval is not None:
+            low, high = reference_interval
+            if not low <= float(sigma) <= high:
+                return evaluations[:2]
+        return evaluations
 
     def run(x: torch.Tensor, sigma: torch.Tensor, group: list) -> torch.Tensor:
         """One network call for evaluations that agree on the references: ``[len(group)·B, ...]``."""
@@ -172,14 +186,16 @@ def guided_denoiser(
         return model(torch.cat([x] * n), timesteps, texts, refs).to(torch.float32)
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        now = step_evaluations(sigma)
+        mine = now[rank::size]
         outputs = []
         for with_refs in (True, False):  # batch the evaluations that see the references (same token count)
             group = [e for e in mine if e[1] == with_refs]
             if group:
                 outputs += list(run(x, sigma, group).chunk(len(group)))
         # back to this rank's order (with-references first is also the order of `evaluations`)
-        velocities = outputs if cfg_group is None else gather_evaluations(outputs, len(evaluations), cfg_group)
-        if len(evaluations) == 2:
+        velocities = outputs if cfg_group is None else gather_evaluations(outputs, len(now), cfg_group, like=x)
+        if len(now) == 2:
             return guided_velocity(velocities[0], velocities[1], scale)
         return reference_guided_velocity(
             velocities[2], velocities[0], velocities[1], scale=scale, reference_scale=reference_scale
