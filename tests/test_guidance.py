@@ -45,16 +45,21 @@ def toy_model(x, timesteps, context, subjects):
     return torch.ones_like(x) * (context[:, :1, :1, None, None] + with_refs)
 
 
-def test_reference_guidance_guides_text_and_references_apart():
-    x = torch.zeros(1, 2, 3, 4, 4)
-    text, negative = torch.full((1, 5, 8), 2.0), torch.full((1, 5, 8), -1.0)
-    subjects = torch.zeros(1, 1, 3, 4, 4)
+def recording_toy():
+    """A latent, prompt and negative texts, reference latents, and ``toy_model`` recording each call's
+    ``(batch, with references?)`` in ``calls``."""
     calls = []
 
     def model(x, t, c, s):
         calls.append((x.shape[0], s is not None))
         return toy_model(x, t, c, s)
 
+    text, negative = torch.full((1, 5, 8), 2.0), torch.full((1, 5, 8), -1.0)
+    return torch.zeros(1, 2, 3, 4, 4), text, negative, torch.zeros(1, 1, 3, 4, 4), calls, model
+
+
+def test_reference_guidance_guides_text_and_references_apart():
+    x, text, negative, subjects, calls, model = recording_toy()
     v = guided_denoiser(model, text, negative, subjects, 5.0, reference_scale=3.0)(x, torch.tensor(0.5))
     # v_∅ = -1 (negative, no references), v_u = 9 (negative + references), v_c = 12 (text + references)
     assert torch.all(v == -1 + 3.0 * (9 - -1) + 5.0 * (12 - 9))
@@ -72,15 +77,7 @@ def test_reference_guidance_guides_text_and_references_apart():
 
 
 def test_reference_guidance_interval_limits_the_third_evaluation_to_its_noise_levels():
-    x = torch.zeros(1, 2, 3, 4, 4)
-    text, negative = torch.full((1, 5, 8), 2.0), torch.full((1, 5, 8), -1.0)
-    subjects = torch.zeros(1, 1, 3, 4, 4)
-    calls = []
-
-    def model(x, t, c, s):
-        calls.append((x.shape[0], s is not None))
-        return toy_model(x, t, c, s)
-
+    x, text, negative, subjects, calls, model = recording_toy()
     denoise = guided_denoiser(model, text, negative, subjects, 5.0, reference_scale=3.0, reference_interval=(0.2, 0.5))
     cfg, guided = 9 + 5.0 * (12 - 9), -1 + 3.0 * (9 - -1) + 5.0 * (12 - 9)
     for sigma, expected, step_calls in [

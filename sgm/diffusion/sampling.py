@@ -151,9 +151,10 @@ def guided_denoiser(
       references are guided separately (``reference_guided_velocity``; 3 evaluations per step);
     - ``reference_interval``: ``(low, high)``: reference guidance only at noise levels
       ``low ≤ σ ≤ high``, plain CFG (2 evaluations) at the others. Guidance in a limited interval
-      (Kynkäänniemi et al. 2024, arXiv 2404.07724): the layout and motion of a video are set at high
-      noise, the subjects' outlines at low noise, so references can be pushed where they draw shapes
-      without freezing the motion (model card of the demo model);
+      (Kynkäänniemi et al. 2024, arXiv 2404.07724), which also saves the third evaluation outside
+      it. The idea: a video's layout and motion are settled at high noise, so guiding the references
+      only below that might sharpen the subjects without stilling them (measured on the demo's
+      candidate model, it does not: its model card);
     - ``cfg_group``: the evaluations of a step are spread over the group's ranks (rank ``r`` runs
       evaluations ``r, r + size, ...``) and one all-gather brings them together; every rank returns
       the same velocity.
