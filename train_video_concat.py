@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                 geometry=components.geometry,
                 sp_split=config.sp_split,
                 subject_weight=config.subject_loss_weight,
+                shift=config.training_shift,
             )
             engine.backward(loss)
             engine.step()

@@ -75,6 +75,7 @@ class TrainingConfig(ComponentsConfig):
     zero_stage: int = 2
     ucg_rate: float = 0.1
     subject_loss_weight: float = 1.0  # > 1: the loss leans toward the subjects' latent cells (1: the release's)
+    training_shift: float | None = None  # shift of the logit-normal noise levels; unset: the release's resolution shift
     save: str = "checkpoints/kaleido"
     save_interval: int = 100
     keep_last: int = 3
@@ -90,6 +91,10 @@ def validate_training(config: TrainingConfig, components: Components) -> None:
             raise ValueError(f"{key}: expected at least 1, got {getattr(config, key)}")
     if not config.subject_loss_weight > 0:
         raise ValueError(f"subject_loss_weight: expected a number > 0, got {config.subject_loss_weight}")
+    if config.training_shift is not None and not config.training_shift > 0:
+        raise ValueError(
+            f"training_shift: expected a number > 0 (or unset: the resolution shift), got {config.training_shift}"
+        )
     check_device(config.device)
     components.geometry.check_size(config.data.height, config.data.width, "data.height, data.width")
     if config.lora.rank > 0 and config.zero_stage == 3:

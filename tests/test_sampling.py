@@ -69,3 +69,18 @@ def test_training_shift_examples_and_rounding_recipe():
     ordered = shift_sigmas(torch.sort(sigmas).values, shift)
     assert torch.all(ordered[1:] >= ordered[:-1]) and torch.all(out > sigmas)  # monotone, moved towards noise
     assert shift_sigmas(torch.tensor([1.0]), shift).item() == 1.0
+
+
+def test_training_sigmas_take_the_resolution_shift_or_the_configured_one():
+    from sgm.diffusion.loss import training_sigmas
+    from sgm.diffusion.schedules import resolution_shift
+
+    def expected(shift: float) -> torch.Tensor:  # logit-normal draws of the same seed, shifted in float64
+        u = torch.sigmoid(torch.randn(4096, generator=torch.Generator().manual_seed(7))).double()
+        return shift * u / (shift * u + 1 - u)
+
+    release = training_sigmas(4096, 36, torch.Generator().manual_seed(7))
+    torch.testing.assert_close(release.double(), expected(resolution_shift(36)), rtol=1e-6, atol=1e-7)
+    five = training_sigmas(4096, 36, torch.Generator().manual_seed(7), shift=5.0)
+    torch.testing.assert_close(five.double(), expected(5.0), rtol=1e-6, atol=1e-7)
+    assert five.median() > 0.8 > release.median()  # a larger shift trains more at high noise

@@ -360,6 +360,7 @@ def test_training_values_are_checked_before_anything_starts(dataset):
         ("train_iters=-1", "train_iters: expected at least 1"),
         ("data.height=60", "data.height, data.width: expected height a multiple of 16"),
         ("device=gpu", "device: expected auto, cpu or cuda"),
+        ("training_shift=0", "training_shift: expected a number > 0"),
     ):
         result = subprocess.run(
             [sys.executable, *TRAIN, f"data.root={dataset}", extra], cwd=ROOT, capture_output=True, text=True

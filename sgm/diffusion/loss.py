@@ -15,13 +15,16 @@ import torch
 from sgm.diffusion.schedules import TIMESTEP_SCALE, resolution_shift, shift_sigmas
 
 
-def training_sigmas(batch: int, tokens_per_frame: int, generator: torch.Generator) -> torch.Tensor:
-    """``[batch]`` float32 noise levels: logit-normal (0, 1), kept inside (0, 1), then shifted for
-    the DiT's ``tokens_per_frame`` video tokens per latent frame."""
+def training_sigmas(
+    batch: int, tokens_per_frame: int, generator: torch.Generator, shift: float | None = None
+) -> torch.Tensor:
+    """``[batch]`` float32 noise levels: logit-normal (0, 1), kept inside (0, 1), then shifted by
+    ``shift``, or unset (the release) by the resolution shift of the DiT's ``tokens_per_frame`` video
+    tokens per latent frame."""
     n = torch.randn(batch, generator=generator)
     eps = torch.finfo(torch.float32).eps
     sigmas = torch.sigmoid(n).clamp(eps, 1 - eps)
-    return shift_sigmas(sigmas, resolution_shift(tokens_per_frame))
+    return shift_sigmas(sigmas, resolution_shift(tokens_per_frame) if shift is None else shift)
 
 
 def rf_loss(

@@ -40,6 +40,7 @@ def training_loss(
     geometry: VideoGeometry,
     sp_split: str = "auto",
     subject_weight: float = 1.0,
+    shift: float | None = None,
 ) -> torch.Tensor:
     """The rectified-flow loss of one micro-batch (``mp4 [B, F, 3, H, W]``, ``subject_images
     [B, N, 3, H, W]``, ``txt``; or precomputed ``latents [B, T, C, h, w]`` and ``subject_latents
@@ -48,7 +49,8 @@ def training_loss(
 
     ``subject_weight`` ≠ 1 weights the squared error of the latent cells that encode a subject
     (``subject_mask [B, T, h, w]`` of precomputed latents, or found in ``mp4``) by that factor
-    against 1 elsewhere, each item's weights averaging 1; 1 is the release's unweighted loss."""
+    against 1 elsewhere, each item's weights averaging 1; 1 is the release's unweighted loss. ``shift``
+    replaces the resolution shift of the noise levels (None: the release's)."""
     device = vae.multiplier.device
     with torch.no_grad():
         if "latents" in batch:
@@ -62,7 +64,7 @@ def training_loss(
         weights = subject_loss_weights(batch_subject_mask(batch, geometry).to(device), subject_weight)
         weights = weights[:, :, None]  # [B, T, 1, h, w]: one weight per latent cell, for every channel
     generator = step_generator(seed, step, parallel.dp_rank)
-    sigmas = training_sigmas(x0.shape[0], geometry.tokens_per_frame(x0.shape[3], x0.shape[4]), generator)
+    sigmas = training_sigmas(x0.shape[0], geometry.tokens_per_frame(x0.shape[3], x0.shape[4]), generator, shift)
     noise = torch.randn(x0.shape, generator=generator).to(device)
     patch = geometry.patch_size[1:]
     dim = split_dim(x0.shape[3], parallel.sp_size, sp_split, patch=patch)
