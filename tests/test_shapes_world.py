@@ -16,7 +16,19 @@ from tools.eval_shapes import (
     table,
 )
 from tools.make_shapes_dataset import make_clip, write_clip
-from tools.shapes_world import BACKGROUNDS, COLOURS, SHAPES, SPRITE, Subject, detect, is_held_out, render
+from tools.shapes_world import (
+    BACKGROUND_NAMES,
+    BACKGROUNDS,
+    COLOURS,
+    FRAME,
+    SHAPES,
+    SPRITE,
+    Subject,
+    colour_masks,
+    detect,
+    is_held_out,
+    render,
+)
 
 
 def test_clips_are_deterministic_for_a_seed():
@@ -26,6 +38,39 @@ def test_clips_are_deterministic_for_a_seed():
     assert [np.asarray(r).tobytes() for r in a["references"]] == [np.asarray(r).tobytes() for r in b["references"]]
     assert not np.array_equal(a["frames"], c["frames"])
     assert a["frames"].shape == (9, 96, 96, 3)
+
+
+def test_placed_captions_say_where_each_subject_is_drawn_and_on_what():
+    words = {0: ("top", "left"), 2: ("bottom", "right")}  # grid third -> (row word, column word)
+    checked = 0
+    for index in range(80):
+        plain, placed = make_clip(0, index), make_clip(0, index, placed=True)
+        assert np.array_equal(plain["frames"], placed["frames"]) and plain["subjects"] == placed["subjects"]
+        # the background named is the one drawn: the frame's median colour
+        text, background = placed["caption"].rsplit(" on a ", 1)
+        name = background.removesuffix(" background")
+        drawn = np.median(placed["frames"][0].reshape(-1, 3), axis=0)
+        assert np.array_equal(drawn, BACKGROUNDS[BACKGROUND_NAMES.index(name)]) and name == placed["background"]
+        phrases = text.split(" while ")
+        assert len(phrases) == len(placed["subjects"])
+        for phrase, subject in zip(phrases, placed["subjects"], strict=True):
+            # where the subject is in the first frame, read from the pixels: the centre of its colour's box
+            ys, xs = np.nonzero(colour_masks(placed["frames"][0])[subject["colour"]])
+            centre = [(v.min() + v.max()) / 2 for v in (ys, xs)]
+            if any(abs(v - line) < 3 for v in centre for line in (FRAME / 3, 2 * FRAME / 3)):
+                continue  # too close to a grid line to say from the pixels
+            checked += 1
+            row, column = (min(int(v * 3 // FRAME), 2) for v in centre)
+            expected = " ".join(w for w in (words.get(row, ("",))[0], words.get(column, ("", ""))[1]) if w)
+            assert (f"at the {expected} " if expected else "in the centre ") in phrase, (phrase, row, column)
+        # without the place phrases the caption is the plain one
+        stripped = text
+        for place in ("at the top left ", "at the top right ", "at the bottom left ", "at the bottom right "):
+            stripped = stripped.replace(place, "")
+        for place in ("at the top ", "at the bottom ", "at the left ", "at the right ", "in the centre "):
+            stripped = stripped.replace(place, "")
+        assert stripped == plain["caption"]
+    assert checked >= 60
 
 
 def test_held_out_pairs_never_appear_in_training_clips():

@@ -35,6 +35,7 @@ colour was found in fewer than half of the frames; for a motion, not in every fr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -47,7 +48,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tools.make_shapes_dataset import HELD_OUT_EVERY, make_clip  # noqa: E402
-from tools.shapes_world import MOTIONS, SHAPES, detect, motion_direction, ordinal_caption  # noqa: E402
+from tools.shapes_world import MOTIONS, SHAPES, detect, motion_direction, ordinal_caption, start_places  # noqa: E402
 
 log = logging.getLogger("eval_shapes")
 DEFAULT_CONFIG = ["configs/sampling/shapes.yaml"]  # the model comes from the checkpoint's card
@@ -66,6 +67,7 @@ class Clip:
     subjects: list[dict]  # shape, colour, motion
     references: list  # PIL images
     frames: np.ndarray | None  # [F, H, W, 3] uint8 ground truth (read lazily for --data)
+    background: str | None = None  # shapes_world.BACKGROUND_NAMES entry (unknown in older datasets' meta)
 
 
 def score_subject(frames: np.ndarray, shape: str, colour: str, motion: str) -> dict:
@@ -113,7 +115,7 @@ def load_clips(data: Path | None, limit: int, seed: int, with_frames: bool) -> l
         clips = []
         for n in range(limit):
             clip = make_clip(seed, HELD_OUT_EVERY * n + HELD_OUT_EVERY - 1)
-            clips.append(Clip(clip["id"], clip["subjects"], clip["references"], clip["frames"]))
+            clips.append(Clip(clip["id"], clip["subjects"], clip["references"], clip["frames"], clip["background"]))
         return clips
     from sgm.data.references import load_reference
 
@@ -125,7 +127,7 @@ def load_clips(data: Path | None, limit: int, seed: int, with_frames: bool) -> l
             for k in range(len(meta["subjects"]))
         ]
         frames = read_frames(data / "videos" / f"{meta['id']}.mp4") if with_frames else None
-        clips.append(Clip(meta["id"], meta["subjects"], refs, frames))
+        clips.append(Clip(meta["id"], meta["subjects"], refs, frames, meta.get("background")))
     return clips
 
 
@@ -214,7 +216,7 @@ def reconstruct(clips: list[Clip], config_files: list[str], overrides: list[str]
     for clip in tqdm(clips, desc="reconstruct"):
         video = torch.from_numpy(clip.frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # [1, 3, F, H, W]
         frames = video_to_uint8(vae.decode(vae.encode(video))[0])
-        out.append(Clip(clip.id, clip.subjects, clip.references, frames))
+        out.append(dataclasses.replace(clip, frames=frames))
     return out
 
 
@@ -228,10 +230,11 @@ class ModelScores:
 
 
 def sample_and_score(
-    clips: list[Clip], config_files: list[str], overrides: list[str], keep: slice = slice(None)
+    clips: list[Clip], config_files: list[str], overrides: list[str], keep: slice = slice(None), placed: bool = False
 ) -> ModelScores:
     """Sample every clip (references, blank references, swapped references) and score the videos'
-    frames ``keep`` (all by default; e.g. the second segment of a 2-segment video)."""
+    frames ``keep`` (all by default; e.g. the second segment of a 2-segment video). ``placed``: the
+    captions also say where each subject starts (``shapes_world.place_phrase``) and the background."""
     import torch
     from PIL import Image
     from tqdm.auto import tqdm
@@ -252,7 +255,8 @@ def sample_and_score(
     normal, blank, swapped = [], [], []
     for n, clip in enumerate(tqdm(clips, desc="clips")):
         subjects, refs = clip.subjects, clip.references
-        caption = ordinal_caption([s["motion"] for s in subjects])
+        places = start_places([s["track"] for s in subjects]) if placed else None
+        caption = ordinal_caption([s["motion"] for s in subjects], places, clip.background if placed else None)
         frames = generate(caption, refs, config.seed + n)
         normal += [(s, score_subject(frames, s["shape"], s["colour"], s["motion"])) for s in subjects]
         white = [Image.new("RGB", r.size, (255, 255, 255)) for r in refs]
@@ -322,6 +326,11 @@ def main(argv=None) -> int:
         help="score only these video frames, START:STOP (e.g. 8: for the second segment of segments=2 overlap=1)",
     )
     parser.add_argument("--confusion", action="store_true", help="also print shape and motion confusion tables")
+    parser.add_argument(
+        "--placed",
+        action="store_true",
+        help="captions also say where each subject starts and the background (for make_shapes_dataset.py --placed)",
+    )
     parser.add_argument("overrides", nargs="*", default=[], metavar="key=value")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -335,10 +344,10 @@ def main(argv=None) -> int:
     if degradation and not args.ground_truth:
         parser.exit(2, "error: --degrade applies to --ground-truth only\n")
     clips = load_clips(data, args.limit, args.seed, with_frames=args.ground_truth or args.reconstruct)
+    if args.placed and any(c.background is None for c in clips):
+        parser.exit(2, f"error: --placed: {data}/meta has no 'background' (write it with make_shapes_dataset.py)\n")
     if degradation:
-        clips = [
-            Clip(c.id, c.subjects, c.references, degrade(c.frames, **degradation, seed=n)) for n, c in enumerate(clips)
-        ]
+        clips = [dataclasses.replace(c, frames=degrade(c.frames, **degradation, seed=n)) for n, c in enumerate(clips)]
     if args.ground_truth or args.reconstruct:
         scored = score_clips(reconstruct(clips, args.config, list(args.overrides)) if args.reconstruct else clips)
         figures = subject_figures(scored, len(clips))
@@ -348,7 +357,7 @@ def main(argv=None) -> int:
             start, stop = (int(v) if v else None for v in args.frames.split(":"))
         except ValueError:
             parser.exit(2, f"error: --frames: expected START:STOP (either may be empty), got '{args.frames}'\n")
-        scores = sample_and_score(clips, args.config, overrides, slice(start, stop))
+        scores = sample_and_score(clips, args.config, overrides, slice(start, stop), args.placed)
         scored, figures = scores.normal, model_figures(scores, len(clips))
     print(table(figures))
     if args.confusion:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tools.shapes_world import (  # noqa: E402
+    BACKGROUND_NAMES,
     BACKGROUNDS,
     COLOURS,
     FRAMES,
@@ -66,8 +67,9 @@ def choose_pairs(rng: np.random.Generator, held_out: bool, count: int) -> list[t
     return pairs
 
 
-def make_clip(seed: int, index: int) -> dict:
-    """One clip's frames, references, caption and metadata (pure function of ``seed`` and ``index``)."""
+def make_clip(seed: int, index: int, placed: bool = False) -> dict:
+    """One clip's frames, references, caption and metadata (pure function of ``seed`` and ``index``;
+    ``placed`` changes only the caption, which then also says where each subject starts and the background)."""
     rng = np.random.default_rng([seed, index])
     held_out = index % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
     count = int(rng.integers(1, 4))
@@ -85,13 +87,14 @@ def make_clip(seed: int, index: int) -> dict:
             count = max(1, count - 1)  # crowded: fewer subjects
     else:
         raise RuntimeError(f"clip {index}: no non-overlapping layout found")
-    background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+    background = int(rng.integers(len(BACKGROUNDS)))
     return {
         "id": f"{'heldout' if held_out else 'train'}_{index:05d}",
         "split": "heldout" if held_out else "train",
-        "frames": render(subjects, background),
+        "frames": render(subjects, BACKGROUNDS[background]),
         "references": [reference_image(s.shape, s.colour, rng) for s in subjects],
-        "caption": caption(subjects, rng),
+        "caption": caption(subjects, rng, BACKGROUND_NAMES[background] if placed else None),
+        "background": BACKGROUND_NAMES[background],
         "subjects": [
             {"shape": s.shape, "colour": s.colour, "motion": s.motion, "track": [list(p) for p in s.track]}
             for s in subjects
@@ -116,7 +119,7 @@ def write_clip(root: Path, clip: dict) -> None:
     for k, image in enumerate(clip["references"], start=1):
         image.save(folder / "references" / clip["id"] / f"ref{k}.png")
     (folder / "labels" / f"{clip['id']}.txt").write_text(clip["caption"] + "\n")
-    meta = {k: clip[k] for k in ("id", "split", "caption", "subjects")}
+    meta = {k: clip[k] for k in ("id", "split", "caption", "background", "subjects")}
     (folder / "meta" / f"{clip['id']}.json").write_text(json.dumps(meta))
 
 
@@ -125,11 +128,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="dataset root (train/ and heldout/ are created)")
     parser.add_argument("--count", type=int, default=3000, help="clips in all (every 10th held out)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--placed", action="store_true", help="captions also say where each subject starts and the background"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     root = Path(args.out)
     for index in tqdm(range(args.count), desc="clips"):
-        write_clip(root, make_clip(args.seed, index))
+        write_clip(root, make_clip(args.seed, index, args.placed))
     held = len(range(HELD_OUT_EVERY - 1, args.count, HELD_OUT_EVERY))
     log.info("wrote %d clips (%d train, %d held out) under %s", args.count, args.count - held, held, root)
     return 0

@@ -33,6 +33,7 @@ COLOURS = {
 PATTERNED = {"square", "heart"}  # drawn with white stripes
 MOTIONS = ("left", "right", "up", "down", "bounce", "grow", "shrink", "circle", "still")
 BACKGROUNDS = ((110, 110, 110), (70, 90, 110), (120, 100, 80))
+BACKGROUND_NAMES = ("grey", "slate", "brown")  # of BACKGROUNDS, in order: no subject colour's name
 FRAME = 96
 SPRITE = 32
 FRAMES = 9
@@ -181,20 +182,48 @@ def reference_image(shape: str, colour: str, rng: np.random.Generator) -> Image.
     return canvas.convert("RGB")
 
 
-def subject_phrase(who: str, motion: str) -> str:
-    return f"{who} {MOTION_WORDS[motion]}"
+def place_phrase(x: float, y: float) -> str:
+    """Where a subject starts, on a 3 × 3 grid of the frame: 'at the top left', 'at the left', 'in the centre'."""
+    row, column = (min(int(v * 3 // FRAME), 2) for v in (y, x))
+    words = " ".join(w for w in (("top", "", "bottom")[row], ("left", "", "right")[column]) if w)
+    return f"at the {words}" if words else "in the centre"
 
 
-def ordinal_caption(motions: list[str]) -> str:
-    """'the first object moves left while the second object bounces': no colour or shape named."""
-    return " while ".join(subject_phrase(f"the {ORDINALS[k]} object", m) for k, m in enumerate(motions))
+def subject_phrase(who: str, motion: str, place: str | None = None) -> str:
+    return f"{who} {place} {MOTION_WORDS[motion]}" if place else f"{who} {MOTION_WORDS[motion]}"
 
 
-def caption(subjects: list[Subject], rng: np.random.Generator) -> str:
-    """Half the captions name colours and shapes; the others only say 'the first object'..."""
+def scene_suffix(background: str | None) -> str:
+    return f" on a {background} background" if background else ""
+
+
+def ordinal_caption(motions: list[str], places: list[str] | None = None, background: str | None = None) -> str:
+    """'the first object moves left while the second object bounces': no colour or shape named.
+    With ``places`` (``place_phrase`` of each subject's start) and ``background`` (a BACKGROUND_NAMES
+    entry) the caption also says where each subject starts and on what it is drawn."""
+    places = places or [None] * len(motions)
+    pairs = zip(motions, places, strict=True)
+    phrases = [subject_phrase(f"the {ORDINALS[k]} object", m, p) for k, (m, p) in enumerate(pairs)]
+    return " while ".join(phrases) + scene_suffix(background)
+
+
+def start_places(tracks: list[list]) -> list[str]:
+    """``place_phrase`` of each subject's first position (``tracks``: per subject, (x, y, size) per frame)."""
+    return [place_phrase(track[0][0], track[0][1]) for track in tracks]
+
+
+def caption(subjects: list[Subject], rng: np.random.Generator, background: str | None = None) -> str:
+    """Half the captions name colours and shapes; the others only say 'the first object'...
+    With ``background`` (placed captions) each subject's phrase also says where it starts, and the
+    caption ends with the background: the layout comes from the text, what the subjects look like
+    from the references."""
+    places = start_places([s.track for s in subjects]) if background else [None] * len(subjects)
     if rng.random() < 0.5:
-        return " while ".join(subject_phrase(f"the {s.colour} {s.shape}", s.motion) for s in subjects)
-    return ordinal_caption([s.motion for s in subjects])
+        named = [
+            subject_phrase(f"the {s.colour} {s.shape}", s.motion, p) for s, p in zip(subjects, places, strict=True)
+        ]
+        return " while ".join(named) + scene_suffix(background)
+    return ordinal_caption([s.motion for s in subjects], places if background else None, background)
 
 
 # ---------------------------------------------------------------------------------------------
