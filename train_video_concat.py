@@ -171,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             engine.step()
             losses.append(loss.detach())
             samples += batch["size"]
+        if run.ema is not None:
+            run.ema.update()
         mean_loss = torch.stack(losses).mean()
         if parallel.world_size > 1:
             dist.all_reduce(mean_loss)

@@ -76,6 +76,7 @@ class TrainingConfig(ComponentsConfig):
     ucg_rate: float = 0.1
     subject_loss_weight: float = 1.0  # > 1: the loss leans toward the subjects' latent cells (1: the release's)
     training_shift: float | None = None  # shift of the logit-normal noise levels; unset: the release's resolution shift
+    ema_decay: float | None = None  # keep an exponential moving average of the DiT's weights (e.g. 0.999); unset: none
     save: str = "checkpoints/kaleido"
     save_interval: int = 100
     keep_last: int = 3
@@ -94,6 +95,13 @@ def validate_training(config: TrainingConfig, components: Components) -> None:
     if config.training_shift is not None and not config.training_shift > 0:
         raise ValueError(
             f"training_shift: expected a number > 0 (or unset: the resolution shift), got {config.training_shift}"
+        )
+    if config.ema_decay is not None and not 0 < config.ema_decay < 1:
+        raise ValueError(f"ema_decay: expected a number between 0 and 1 (or unset: no average), got {config.ema_decay}")
+    if config.ema_decay is not None and (config.lora.rank > 0 or config.zero_stage == 3):
+        raise ValueError(
+            "ema_decay: the weight average is kept for full training with zero_stage 1 or 2 "
+            "(every rank then holds the whole DiT), not for LoRA or ZeRO-3"
         )
     check_device(config.device)
     components.geometry.check_size(config.data.height, config.data.width, "data.height, data.width")
@@ -145,6 +153,65 @@ class TrainingRun:
     conditioner: TextConditioner
     lora_modules: list[str] = field(default_factory=list)  # adapted layers of a LoRA run (else empty)
     lora_info: dict = field(default_factory=dict)  # lora.json of a LoRA run
+    ema: WeightAverage | None = None  # with ema_decay: the average of the DiT's weights
+
+
+EMA_FILE = "ema.safetensors"  # in a checkpoint folder: the averaged DiT, loadable as load=<folder>/ema.safetensors
+
+
+def ema_rate(updates: int, decay: float) -> float:
+    """The decay of update number ``updates`` (from 1): ``min(decay, (1 + n) / (10 + n))``, as SGM's
+    ``LitEma`` (spec-vae-t5-data §6): early updates move the average fast, so a short run's
+    average is not dominated by its random initial weights."""
+    return min(decay, (1 + updates) / (10 + updates))
+
+
+class WeightAverage:
+    """An exponential moving average of a module's floating-point weights, in float32 beside them.
+
+    ``update`` after every optimizer step: ``avg ← avg − (1 − d)·(avg − w)`` with ``d = ema_rate``.
+    ``state_dict`` is the module's state dict with the float32 averages in place of its parameters
+    (buffers as they are): it loads wherever the module's weights load (a loader casts to the
+    model's dtype), and a resumed run continues the average exactly.
+    """
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.module, self.decay, self.updates = module, decay, 0
+        self.average = {name: p.detach().float().clone() for name, p in module.named_parameters()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        rate = 1 - ema_rate(self.updates, self.decay)
+        for name, param in self.module.named_parameters():
+            average = self.average[name]
+            average.sub_(rate * (average - param.detach().float()))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, value in self.module.state_dict().items():
+            out[name] = self.average.get(name, value).contiguous()
+        return out
+
+    def save(self, path: Path) -> None:
+        """The averaged weights and the update count, through a temporary name."""
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tensors = {name: t.detach().cpu() for name, t in self.state_dict().items()}
+        safetensors.torch.save_file(tensors, str(tmp), metadata={"ema_updates": str(self.updates)})
+        os.replace(tmp, path)
+
+    def load(self, path: Path) -> None:
+        """Continue from a saved average (its parameters and update count)."""
+        with safetensors.safe_open(str(path), framework="pt") as handle:
+            self.updates = int(handle.metadata()["ema_updates"])
+            for name, average in self.average.items():
+                average.copy_(handle.get_tensor(name).float())
+
+    def restart(self) -> None:
+        """Start the average afresh at the module's current weights."""
+        self.updates = 0
+        for name, param in self.module.named_parameters():
+            self.average[name].copy_(param.detach().float())
 
 
 def build_training(
@@ -193,7 +260,8 @@ def build_training(
         trainable = sum(p.numel() for p in dit.parameters() if p.requires_grad)
         log.info("LoRA rank %d on %d layers: %s trainable parameters", config.lora.rank, len(adapted), f"{trainable:,}")
     info = lora_info(config, components, adapted) if adapted else {}
-    return TrainingRun(engine, scheduler, vae, conditioner, adapted, info)
+    ema = WeightAverage(dit, config.ema_decay) if config.ema_decay is not None else None
+    return TrainingRun(engine, scheduler, vae, conditioner, adapted, info, ema)
 
 
 COMPLETE_FILE = "complete.json"  # written in a checkpoint folder once every rank has finished it
@@ -249,6 +317,13 @@ def resume_position(run: TrainingRun, save_dir: Path) -> tuple[int, int, int]:
             continue
         if client is None:
             continue
+        if run.ema is not None:
+            average = save_dir / tag / EMA_FILE
+            if average.is_file():
+                run.ema.load(average)
+            else:
+                run.ema.restart()
+                log.warning("%s: checkpoint %s has no %s: the weight average starts here", save_dir, tag, EMA_FILE)
         log.info("resumed from %s at iteration %d", save_dir, client["iteration"])
         return client["iteration"], client["data_epoch"], client["data_chunk"] + 1
     return 0, 0, 0
@@ -267,6 +342,9 @@ def save_checkpoint(run: TrainingRun, config: TrainingConfig, save_dir: Path, it
         safetensors.torch.save_file(trainable_lora_state_dict(run.engine.module.model.diffusion_model), str(tmp))
         os.replace(tmp, folder / LORA_FILE)
         write_atomic(folder / LORA_INFO_FILE, json.dumps(run.lora_info, indent=2) + "\n")  # self-contained
+    if run.ema is not None and rank == 0:  # every rank holds the same average (ZeRO-1/2 replicate the weights)
+        folder.mkdir(parents=True, exist_ok=True)
+        run.ema.save(folder / EMA_FILE)
     if config.zero_stage == 3:  # gather the partitioned weights into the file samplers read
         save_consolidated(run.engine, folder, rank)
     run.engine.save_checkpoint(

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from sat.parallel import free_port
 from sat.training import ScheduleConfig, estimate_memory, lr_factor, parameter_groups, prune_checkpoints
 from sgm.data.video import BadDataError, DataConfig, VideoDataset, next_usable_batch, select_frames
 from sgm.registry import build_dit
+from sgm.training import EMA_FILE, WeightAverage
 from tools.make_toy_videos import make_video_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,12 +197,56 @@ def test_two_process_training_lowers_the_loss_and_samples(dataset, tmp_path):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_resume_gives_the_uninterrupted_losses(dataset, tmp_path, stage):
     common = [*TRAIN, f"data.root={dataset}", f"zero_stage={stage}"]
+    common += ["ema_decay=0.9"] if stage == 2 else []  # the weight average resumes exactly too (ZeRO-1/2 only)
     torchrun(*common, "train_iters=6", "save_interval=100", f"save={tmp_path / 'whole'}")
     torchrun(*common, "train_iters=3", "save_interval=3", f"save={tmp_path / 'split'}")
     torchrun(*common, "train_iters=6", "save_interval=3", f"save={tmp_path / 'split'}")
     whole, split = losses(tmp_path / "whole"), losses(tmp_path / "split")
     assert len(whole) == len(split) == 6
     assert max(abs(a - b) for a, b in zip(whole, split, strict=True)) <= 1e-6
+    if stage == 2:
+        from safetensors.torch import load_file
+
+        from sgm.checkpoint import load_dit_state_dict, read_dit_checkpoint
+
+        averages = [load_file(tmp_path / run / "6" / EMA_FILE) for run in ("whole", "split")]
+        assert max((averages[0][k] - averages[1][k]).abs().max().item() for k in averages[0]) <= 1e-6
+        raw = read_dit_checkpoint(tmp_path / "whole")
+        gap = max((averages[0][k].float() - raw[k].float()).abs().max().item() for k in raw)
+        assert gap > 1e-4  # an average of the run's weights, not the last ones
+        dit = build_dit("kaleido-tiny")
+        load_dit_state_dict(dit, averages[0])  # loads where the DiT's weights load (load=<folder>/ema.safetensors)
+        assert torch.equal(dit.state_dict()[next(iter(raw))], averages[0][next(iter(raw))])
+    else:
+        assert not (tmp_path / "whole" / "6" / EMA_FILE).exists()
+
+
+def test_weight_average_is_the_decayed_mean_of_the_iterates(tmp_path):
+    """LitEma's rule (spec-vae-t5-data §6) in closed form: iterate n weighs (1 − d_n)·Π_{k>n} d_k with
+    d_n = min(decay, (1 + n) / (10 + n)); the starting weights weigh Π d_k. Saved and loaded exactly."""
+    torch.manual_seed(0)
+    module = torch.nn.Linear(3, 2)
+    module.register_buffer("scale", torch.tensor([2.0]))
+    decay, steps = 0.5, 9
+    average = WeightAverage(module, decay)
+    iterates = [module.weight.detach().double().clone()]
+    for _ in range(steps):
+        with torch.no_grad():
+            module.weight.add_(torch.randn_like(module.weight))
+        iterates.append(module.weight.detach().double().clone())
+        average.update()
+    rates = [min(decay, (1 + n) / (10 + n)) for n in range(1, steps + 1)]
+    shares = [math.prod(rates)] + [(1 - rates[n - 1]) * math.prod(rates[n:]) for n in range(1, steps + 1)]
+    assert abs(sum(shares) - 1) < 1e-12 and rates[-1] == decay  # the warm-up has ended within the run
+    expected = sum(share * iterate for share, iterate in zip(shares, iterates, strict=True))
+    torch.testing.assert_close(average.state_dict()["weight"].double(), expected, atol=1e-6, rtol=0)
+    assert torch.equal(average.state_dict()["scale"], module.scale)  # buffers as they are
+    average.save(tmp_path / EMA_FILE)
+    again = WeightAverage(module, decay)
+    again.load(tmp_path / EMA_FILE)
+    assert again.updates == steps
+    assert all(torch.equal(again.average[k], average.average[k]) for k in average.average)
+    assert [p.name for p in tmp_path.iterdir()] == [EMA_FILE]  # written through a temporary name
 
 
 @pytest.mark.distributed
@@ -361,9 +407,11 @@ def test_training_values_are_checked_before_anything_starts(dataset):
         ("data.height=60", "data.height, data.width: expected height a multiple of 16"),
         ("device=gpu", "device: expected auto, cpu or cuda"),
         ("training_shift=0", "training_shift: expected a number > 0"),
+        ("ema_decay=1", "ema_decay: expected a number between 0 and 1"),
+        ("ema_decay=0.99 zero_stage=3", "ema_decay: the weight average is kept for full training"),
     ):
         result = subprocess.run(
-            [sys.executable, *TRAIN, f"data.root={dataset}", extra], cwd=ROOT, capture_output=True, text=True
+            [sys.executable, *TRAIN, f"data.root={dataset}", *extra.split()], cwd=ROOT, capture_output=True, text=True
         )
         assert result.returncode == 2 and message in result.stderr, (extra, result.stderr[-500:])
         assert "Traceback" not in result.stderr
