@@ -79,6 +79,7 @@ log = logging.getLogger(__name__)
 
 SP_SPLITS = ("auto", "height", "width")
 LORA_MODES = ("merge", "adapter")
+SAMPLERS = ("euler", "stochastic")
 
 
 @dataclass
@@ -107,6 +108,7 @@ class SamplingConfig(ComponentsConfig):
     num_steps: int = 50
     guidance_scale: float = 6.0
     shift: float = SAMPLING_SHIFT
+    sampler: str = "euler"  # euler (the release) | stochastic: each step re-noises its clean prediction afresh
     sample_neg_prompt: str = WAN_NEGATIVE_PROMPT
     max_references: int = RELEASE_MAX_REFERENCES
     only_save_latents: bool = False
@@ -355,6 +357,8 @@ def validate_sampling(config: SamplingConfig, components: Components) -> None:
         raise ValueError(f"guidance_scale: expected a finite number, got {config.guidance_scale}")
     if not (math.isfinite(config.shift) and config.shift > 0):
         raise ValueError(f"shift: expected a finite number above 0, got {config.shift}")
+    if config.sampler not in SAMPLERS:
+        raise ValueError(f"sampler: expected one of {', '.join(SAMPLERS)}, got '{config.sampler}'")
     check_device(config.device)
     if config.max_references < 0:
         raise ValueError(f"max_references: expected 0 or more, got {config.max_references}")
@@ -583,6 +587,7 @@ class SamplerSettings:
     num_steps: int = 50
     guidance_scale: float = 6.0
     shift: float = SAMPLING_SHIFT
+    sampler: str = "euler"
     negative_prompt: str = WAN_NEGATIVE_PROMPT
     height: int = 512
     width: int = 896
@@ -703,6 +708,7 @@ class KaleidoPipeline:
             num_steps=config.num_steps,
             guidance_scale=config.guidance_scale,
             shift=config.shift,
+            sampler=config.sampler,
             negative_prompt=config.sample_neg_prompt,
             height=config.sampling_image_size[0],
             width=config.sampling_image_size[1],
@@ -745,6 +751,7 @@ class KaleidoPipeline:
         steps: int | None = None,
         guidance_scale: float | None = None,
         shift: float | None = None,
+        sampler: str | None = None,
         negative_prompt: str | None = None,
         segments: int | None = None,
         overlap: int | None = None,
@@ -767,6 +774,7 @@ class KaleidoPipeline:
             steps=steps,
             guidance_scale=guidance_scale,
             shift=shift,
+            sampler=sampler,
             negative_prompt=negative_prompt,
             segments=segments,
             overlap=overlap,
@@ -831,6 +839,7 @@ class KaleidoPipeline:
         steps: int | None = None,
         guidance_scale: float | None = None,
         shift: float | None = None,
+        sampler: str | None = None,
         negative_prompt: str | None = None,
         segments: int | None = None,
         overlap: int | None = None,
@@ -907,6 +916,15 @@ class KaleidoPipeline:
         sigmas = shifted_schedule(
             settings.num_steps if steps is None else steps, settings.shift if shift is None else shift
         )
+        sampler = settings.sampler if sampler is None else sampler
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler: expected one of {', '.join(SAMPLERS)}, got '{sampler}'")
+
+        def fresh_noise() -> torch.Tensor:
+            """The stochastic sampler's noise: drawn whole from the one generator (the same on every
+            rank), this rank's slice kept, as for the starting noise."""
+            return shard(torch.randn((1, *shape), generator=generator).to(self.device), dim, self.parallel, patch=patch)
+
         steps_per_segment = len(sigmas) - 1
 
         def step_done(segment: int) -> Callable | None:
@@ -922,7 +940,15 @@ class KaleidoPipeline:
                 torch.randn((1, *shape), generator=generator).to(self.device), dim, self.parallel, patch=patch
             )
             known = None if previous is None else KnownFrames(previous[:, -overlap:], noise[:, :overlap])
-            latents = sample(denoise, noise, sigmas, callback=step_done(segment), progress=progress, known=known)
+            latents = sample(
+                denoise,
+                noise,
+                sigmas,
+                callback=step_done(segment),
+                progress=progress,
+                known=known,
+                fresh_noise=fresh_noise if sampler == "stochastic" else None,
+            )
             pieces.append(latents if previous is None else latents[:, overlap:])  # the shared frames once
             previous = latents
         timings.sampling_s += time.perf_counter() - start

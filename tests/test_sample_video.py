@@ -325,6 +325,7 @@ def test_inputs_and_values_that_are_refused_before_loading(tmp_path, refs, capsy
         (["guidance_scale=nan"], "guidance_scale: expected a finite number"),
         (["shift=inf"], "shift: expected a finite number above 0"),
         (["shift=0"], "shift: expected a finite number above 0"),
+        (["sampler=heun"], "sampler: expected one of euler, stochastic, got 'heun'"),
         (["model.arch.num_layers=0"], "num_layers must be at least 1"),
         (["device=gpu"], "device: expected auto, cpu or cuda"),
     ]

@@ -32,6 +32,33 @@ def test_euler_integrates_a_straight_path_exactly():
     torch.testing.assert_close(out, x0, rtol=0, atol=1e-6)
 
 
+def test_stochastic_sampler_matches_diffusers_flow_match_stochastic_sampling():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    def denoise(x, sigma):  # any smooth function of the state and the noise level
+        return torch.tanh(x) * (1 + sigma) - 0.3 * x
+
+    sigmas = shifted_schedule(8, 3.0)
+    start = torch.randn(1, 2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    ours_noise = torch.Generator().manual_seed(7)
+    ours = sample(
+        denoise,
+        start.clone(),
+        sigmas,
+        progress=False,
+        fresh_noise=lambda: torch.randn(start.shape, generator=ours_noise),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(stochastic_sampling=True, shift=1.0)
+    scheduler.set_timesteps(sigmas=sigmas[:-1].tolist())  # shift 1: our σ as they are, then 0
+    torch.testing.assert_close(scheduler.sigmas, sigmas, rtol=0, atol=1e-6)
+    theirs, theirs_noise = start.clone(), torch.Generator().manual_seed(7)
+    for timestep, sigma in zip(scheduler.timesteps, sigmas[:-1], strict=True):
+        theirs = scheduler.step(denoise(theirs, sigma), timestep, theirs, generator=theirs_noise).prev_sample
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    euler = sample(denoise, start.clone(), sigmas, progress=False)
+    assert (ours - euler).abs().max() > 0.1  # the fresh noise matters
+
+
 def test_cfg_batches_uncond_then_cond_with_the_same_subjects():
     calls = []
 

@@ -1,4 +1,4 @@
-"""Sampling: Euler on σ with the state in float32, and classifier-free guidance.
+"""Sampling: Euler on σ with the state in float32 (or stochastic steps), and classifier-free guidance.
 
 A denoiser is any ``denoise(x, sigma) -> velocity`` closure (rectified flow: ``v ≈ ε − x0``,
 ``dx/dσ = v``); guidance, reference latents and parallelism live in that closure, not here.
@@ -42,6 +42,14 @@ def hold_known(x: torch.Tensor, known: KnownFrames | None, sigma: torch.Tensor |
     return torch.cat([held.to(x.dtype), x[:, overlap:]], dim=1)
 
 
+def stochastic_step(
+    x: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor, next_sigma: torch.Tensor, noise: torch.Tensor
+) -> torch.Tensor:
+    """The clean latent the velocity points to, ``x0 = x − σ·v``, re-noised with fresh ``noise`` to
+    ``σ_{k+1}`` (diffusers' ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)``)."""
+    return renoise(x - sigma * velocity, noise, next_sigma)
+
+
 def sample(
     denoise: Denoiser,
     x: torch.Tensor,
@@ -49,9 +57,13 @@ def sample(
     callback: StepCallback | None = None,
     progress: bool = True,
     known: KnownFrames | None = None,
+    fresh_noise: Callable[[], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Euler steps ``x ← x + (σ_{k+1} − σ_k)·v(x, σ_k)`` in float32; returns the final state.
 
+    With ``fresh_noise`` (a draw of noise shaped like ``x``) the steps are stochastic instead
+    (``stochastic_step``): each step forgets the noise it started from, so an early step's error is
+    not carried along the trajectory; the last step (to σ = 0) is the same in both.
     With ``known``, the leading frames are set to the known latent at the current σ before every
     evaluation and to the known latent itself at the end (a continuation of a previous segment:
     the network sees them as part of the video and makes the rest agree with them).
@@ -61,7 +73,10 @@ def sample(
     for k in tqdm(range(len(sigmas) - 1), desc="sampling", disable=not progress):
         x = hold_known(x, known, sigmas[k])
         velocity = denoise(x, sigmas[k]).to(torch.float32)
-        x = x + (sigmas[k + 1] - sigmas[k]) * velocity
+        if fresh_noise is not None and sigmas[k + 1] > 0:
+            x = stochastic_step(x, velocity, sigmas[k], sigmas[k + 1], fresh_noise().to(torch.float32))
+        else:
+            x = x + (sigmas[k + 1] - sigmas[k]) * velocity
         if callback is not None:
             callback(k, x, sigmas[k])
     return hold_known(x, known, 0.0)
