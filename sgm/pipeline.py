@@ -44,7 +44,7 @@ from sat.parallel import (
 from sat.training import gib
 from sgm.checkpoint import MODEL_CARD_FILE, find_model_card, load_dit_state_dict, read_dit_checkpoint
 from sgm.data.references import RELEASE_MAX_REFERENCES, fit_reference, image_to_tensor
-from sgm.diffusion.sampling import KnownFrames, guided_denoiser, sample
+from sgm.diffusion.sampling import KnownFrames, guided_denoiser, renoise, sample, start_index
 from sgm.diffusion.schedules import SAMPLING_SHIFT, shifted_schedule
 from sgm.diffusion.step_cache import StepCache, StepCacheConfig, check_step_cache
 from sgm.geometry import VideoGeometry
@@ -756,6 +756,8 @@ class KaleidoPipeline:
         segments: int | None = None,
         overlap: int | None = None,
         reference_guidance_scale: float | None = None,
+        init_latents: torch.Tensor | None = None,
+        start_sigma: float = 1.0,
         progress: bool = False,
         on_step: Callable[[int, int], None] | None = None,
         timings: Timings | None = None,
@@ -779,6 +781,8 @@ class KaleidoPipeline:
             segments=segments,
             overlap=overlap,
             reference_guidance_scale=reference_guidance_scale,
+            init_latents=init_latents,
+            start_sigma=start_sigma,
             progress=progress,
             on_step=on_step,
             timings=timings,
@@ -844,6 +848,8 @@ class KaleidoPipeline:
         segments: int | None = None,
         overlap: int | None = None,
         reference_guidance_scale: float | None = None,
+        init_latents: torch.Tensor | None = None,
+        start_sigma: float = 1.0,
         progress: bool = False,
         on_step: Callable[[int, int], None] | None = None,
         timings: Timings | None = None,
@@ -854,6 +860,11 @@ class KaleidoPipeline:
         generator of ``seed``: the first segment is the one-segment video) with its first
         ``overlap`` latent frames held at the previous segment's last ones; the segments are joined
         keeping those frames once, so ``T = joined_latent_frames(...)``.
+
+        ``init_latents`` (``[1, T, C, h, w]``, e.g. ``vae.encode`` of a video; one segment): sampling
+        starts from them re-noised with the seed's noise to the first schedule level at or below
+        ``start_sigma`` instead of from pure noise (SDEdit; ``start_sigma`` 1 is plain sampling). It
+        shows at which noise levels a model decides what it draws.
         """
         settings = self.settings
         height = settings.height if height is None else height
@@ -925,6 +936,15 @@ class KaleidoPipeline:
             rank), this rank's slice kept, as for the starting noise."""
             return shard(torch.randn((1, *shape), generator=generator).to(self.device), dim, self.parallel, patch=patch)
 
+        if init_latents is None and start_sigma != 1.0:
+            raise ValueError(f"start_sigma: {start_sigma} needs init_latents (the latent to start from)")
+        if init_latents is not None:
+            if segments != 1:
+                raise ValueError(f"init_latents: sampling from a given latent needs segments=1, got {segments}")
+            if tuple(init_latents.shape) != (1, *shape):
+                raise ValueError(f"init_latents: expected shape {[1, *shape]}, got {list(init_latents.shape)}")
+            sigmas = sigmas[start_index(sigmas, start_sigma) :]
+            init_latents = shard(init_latents.to(self.device, torch.float32), dim, self.parallel, patch=patch)
         steps_per_segment = len(sigmas) - 1
 
         def step_done(segment: int) -> Callable | None:
@@ -939,6 +959,8 @@ class KaleidoPipeline:
             noise = shard(
                 torch.randn((1, *shape), generator=generator).to(self.device), dim, self.parallel, patch=patch
             )
+            if init_latents is not None:
+                noise = renoise(init_latents, noise, sigmas[0])
             known = None if previous is None else KnownFrames(previous[:, -overlap:], noise[:, :overlap])
             latents = sample(
                 denoise,

@@ -6,7 +6,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tools.eval_shapes import DEFAULT_CONFIG, evaluate_model, ground_truth, load_clips, reconstruct
+from tools.eval_shapes import (
+    DEFAULT_CONFIG,
+    evaluate_model,
+    ground_truth,
+    load_clips,
+    main,
+    reconstruct,
+    sample_and_score,
+    score_clips,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CARD = ROOT / "assets" / "kaleido-shapes" / "README.md"
@@ -77,3 +86,19 @@ def test_next_vae_keeps_the_subjects_at_its_gate():
     figures = ground_truth(rebuilt)
     assert figures["n_videos"] == 8 and figures["colour"] == 1.0 and figures["motion"] >= 8 / 9, figures
     assert figures["identity"] >= 8 / 9, figures
+
+
+def test_sampling_from_the_clip_at_sigma_zero_scores_its_vae_reconstruction(capsys):
+    """``eval_shapes --start-sigma``: a sample started from the clip's own video at σ = 0 is that video
+    through the VAE, so it scores exactly what ``--reconstruct`` scores (references or blank ones)."""
+    clips = load_clips(None, 3, seed=1, with_frames=True)
+    expected = [score for _, score in score_clips(reconstruct(clips, DEFAULT_CONFIG, []))]
+    scores = sample_and_score(clips, DEFAULT_CONFIG, ["num_steps=4"], start_sigma=0.0)
+    assert [score for _, score in scores.normal] == expected
+    assert [score for _, score in scores.blank] == expected
+    capsys.readouterr()  # what sampling printed
+    for bad in (["--start-sigma", "1.5"], ["--start-sigma", "0.5", "--reconstruct"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(bad)
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.strip().count("\n") == 0  # one line

@@ -236,3 +236,56 @@ def test_cfg_parallel_equals_one_process(tmp_path, processes, extra):
     many = sample(tmp_path, "many", processes, *extra)
     # batch 1 per rank against batch 2 in one process: the same maths, other matmul blockings
     assert (one - many).abs().max() <= 1e-4 * one.abs().max()
+
+
+def test_start_index_enters_the_schedule_at_the_first_level_at_or_below_the_start():
+    from sgm.diffusion.sampling import start_index
+
+    sigmas = shifted_schedule(25, 1.6)
+    assert start_index(sigmas, 1.0) == 0 and start_index(sigmas, 0.0) == 25
+    for start in (0.95, 0.8, 0.5, 0.1):
+        k = start_index(sigmas, start)
+        assert sigmas[k] <= start < sigmas[k - 1], start
+    for bad in (1.5, -0.1):
+        with pytest.raises(ValueError, match="start_sigma"):
+            start_index(sigmas, bad)
+
+
+class ConstantVelocityDiT(torch.nn.Module):
+    """Stands in for the DiT: velocity ``c`` everywhere, so that Euler steps have a closed form."""
+
+    def __init__(self, real: torch.nn.Module, c: float):
+        super().__init__()
+        self.config, self.dtype, self.c = real.config, real.dtype, c
+
+    def forward(self, x, timesteps, context, subjects, token_offset=None):
+        return torch.full_like(x, self.c)
+
+
+def test_sampling_from_a_given_latent_re_noises_it_and_runs_the_rest_of_the_schedule(plain):
+    pipe, latents, _ = plain
+    refs = [load_reference(str(REF))]
+    init = torch.randn(latents.shape, generator=torch.Generator().manual_seed(9))
+    run = lambda **kw: pipe.generate_latents("the first object bounces", references=refs, seed=4, **kw)  # noqa: E731
+    assert torch.equal(run(init_latents=init, start_sigma=1.0), latents)  # from σ = 1 the given latent is gone
+    assert torch.equal(run(init_latents=init, start_sigma=0.0), init)  # at σ = 0 it is the answer
+
+    # A constant velocity c: from x_σ = (1 − σ)·init + σ·ε the Euler steps to 0 end at x_σ − σ·c,
+    # with ε the seed's starting noise and σ the first schedule level at or below the start.
+    sigmas = shifted_schedule(8, pipe.settings.shift)
+    sigma = sigmas[sigmas <= 0.6][0]
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(4))
+    real = pipe.dit
+    try:
+        pipe.dit = ConstantVelocityDiT(real, c=0.25)
+        out = run(init_latents=init, start_sigma=0.6)
+    finally:
+        pipe.dit = real
+    torch.testing.assert_close(out, (1 - sigma) * init + sigma * noise - sigma * 0.25, rtol=0, atol=1e-5)
+
+    with pytest.raises(ValueError, match="segments=1"):
+        run(init_latents=init, start_sigma=0.5, segments=2, overlap=1)
+    with pytest.raises(ValueError, match="expected shape"):
+        run(init_latents=init[:, :1], start_sigma=0.5)
+    with pytest.raises(ValueError, match="needs init_latents"):
+        run(start_sigma=0.5)

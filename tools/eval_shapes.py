@@ -25,6 +25,9 @@ subject by its catalogue colour in every frame:
 ``--degrade blur=1.5,noise=16`` blurs and/or noises them first (the detector must read mild
 degradations as it reads clean clips: on 100 generated held-out clips identity 1.000 under a
 1.5-px blur or noise of 16 grey levels, 0.984 under a 2-px blur).
+``--start-sigma S`` starts every sample from the clip's own video (through the VAE) re-noised to
+the noise level S instead of from pure noise: identity from S = 0.6 but not from 0.95 says the model
+finishes shapes it is given and does not choose them.
 ``--reconstruct`` scores the config's VAE's reconstructions (encode, decode) of those videos: the
 ceiling that any DiT generating through this VAE can reach. ``--confusion`` also prints, for the
 scored videos (a model's: those made with the references), which shape and which motion the
@@ -230,11 +233,18 @@ class ModelScores:
 
 
 def sample_and_score(
-    clips: list[Clip], config_files: list[str], overrides: list[str], keep: slice = slice(None), placed: bool = False
+    clips: list[Clip],
+    config_files: list[str],
+    overrides: list[str],
+    keep: slice = slice(None),
+    placed: bool = False,
+    start_sigma: float = 1.0,
 ) -> ModelScores:
     """Sample every clip (references, blank references, swapped references) and score the videos'
     frames ``keep`` (all by default; e.g. the second segment of a 2-segment video). ``placed``: the
-    captions also say where each subject starts (``shapes_world.place_phrase``) and the background."""
+    captions also say where each subject starts (``shapes_world.place_phrase``) and the background.
+    ``start_sigma`` < 1: every sample starts from the clip's own video (its first frames, encoded by the
+    config's VAE) re-noised to that level (SDEdit): what the model keeps of a layout it is given."""
     import torch
     from PIL import Image
     from tqdm.auto import tqdm
@@ -248,22 +258,35 @@ def sample_and_score(
     height, width = config.sampling_image_size
     num_frames = pipeline.geometry.video_frames(config.sampling_num_frames)
 
-    def generate(caption: str, images, seed: int) -> np.ndarray:
-        video = pipeline(caption, references=images, seed=seed, height=height, width=width, num_frames=num_frames)
+    def generate(caption: str, images, seed: int, init: torch.Tensor | None) -> np.ndarray:
+        video = pipeline(
+            caption,
+            references=images,
+            seed=seed,
+            height=height,
+            width=width,
+            num_frames=num_frames,
+            init_latents=init,
+            start_sigma=start_sigma,
+        )
         return video_to_uint8(video[0])[keep]
 
     normal, blank, swapped = [], [], []
     for n, clip in enumerate(tqdm(clips, desc="clips")):
+        init = None
+        if start_sigma < 1.0:
+            frames = torch.from_numpy(clip.frames[:num_frames]).permute(3, 0, 1, 2)[None].float()  # [1, 3, F, H, W]
+            init = pipeline.vae.encode(frames / 127.5 - 1)
         subjects, refs = clip.subjects, clip.references
         places = start_places([s["track"] for s in subjects]) if placed else None
         caption = ordinal_caption([s["motion"] for s in subjects], places, clip.background if placed else None)
-        frames = generate(caption, refs, config.seed + n)
+        frames = generate(caption, refs, config.seed + n, init)
         normal += [(s, score_subject(frames, s["shape"], s["colour"], s["motion"])) for s in subjects]
         white = [Image.new("RGB", r.size, (255, 255, 255)) for r in refs]
-        frames = generate(caption, white, config.seed + n)
+        frames = generate(caption, white, config.seed + n, init)
         blank += [(s, score_subject(frames, s["shape"], s["colour"], s["motion"])) for s in subjects]
         if len(subjects) >= 2:
-            frames = generate(caption, [refs[1], refs[0], *refs[2:]], config.seed + n)
+            frames = generate(caption, [refs[1], refs[0], *refs[2:]], config.seed + n, init)
             for first, second in ((subjects[0], subjects[1]), (subjects[1], subjects[0])):
                 # the slot of `first` now shows the reference of `second`: its colour should move like `first`
                 swapped.append(score_subject(frames, second["shape"], second["colour"], first["motion"])["motion"])
@@ -331,6 +354,13 @@ def main(argv=None) -> int:
         action="store_true",
         help="captions also say where each subject starts and the background (for make_shapes_dataset.py --placed)",
     )
+    parser.add_argument(
+        "--start-sigma",
+        type=float,
+        default=1.0,
+        help="start every sample from the clip's own video re-noised to this level in [0, 1) (SDEdit): "
+        "where in the noise levels the model decides shape and motion (default 1: plain sampling)",
+    )
     parser.add_argument("overrides", nargs="*", default=[], metavar="key=value")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -343,7 +373,12 @@ def main(argv=None) -> int:
         parser.exit(2, f"error: {error}\n")
     if degradation and not args.ground_truth:
         parser.exit(2, "error: --degrade applies to --ground-truth only\n")
-    clips = load_clips(data, args.limit, args.seed, with_frames=args.ground_truth or args.reconstruct)
+    if not 0.0 <= args.start_sigma <= 1.0:
+        parser.exit(2, f"error: --start-sigma: expected a noise level in [0, 1], got {args.start_sigma}\n")
+    if args.start_sigma < 1.0 and (args.ground_truth or args.reconstruct):
+        parser.exit(2, "error: --start-sigma applies to a model's samples, not --ground-truth or --reconstruct\n")
+    with_frames = args.ground_truth or args.reconstruct or args.start_sigma < 1.0
+    clips = load_clips(data, args.limit, args.seed, with_frames=with_frames)
     if args.placed and any(c.background is None for c in clips):
         parser.exit(2, f"error: --placed: {data}/meta has no 'background' (write it with make_shapes_dataset.py)\n")
     if degradation:
@@ -357,7 +392,7 @@ def main(argv=None) -> int:
             start, stop = (int(v) if v else None for v in args.frames.split(":"))
         except ValueError:
             parser.exit(2, f"error: --frames: expected START:STOP (either may be empty), got '{args.frames}'\n")
-        scores = sample_and_score(clips, args.config, overrides, slice(start, stop), args.placed)
+        scores = sample_and_score(clips, args.config, overrides, slice(start, stop), args.placed, args.start_sigma)
         scored, figures = scores.normal, model_figures(scores, len(clips))
     print(table(figures))
     if args.confusion:

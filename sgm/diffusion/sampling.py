@@ -32,6 +32,15 @@ def renoise(clean: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor | floa
     return (1 - sigma) * clean + sigma * noise
 
 
+def start_index(sigmas: torch.Tensor, start_sigma: float) -> int:
+    """Index of the first level of a decreasing schedule at or below ``start_sigma``: sampling from a
+    given latent (SDEdit) enters the schedule there, re-noised to that level, and runs the rest.
+    ``start_sigma`` 1 is the whole schedule, 0 its last level (σ = 0: the latent returned as given)."""
+    if not 0.0 <= start_sigma <= 1.0:
+        raise ValueError(f"start_sigma: expected a noise level in [0, 1], got {start_sigma}")
+    return int((sigmas > start_sigma).sum())
+
+
 def hold_known(x: torch.Tensor, known: KnownFrames | None, sigma: torch.Tensor | float) -> torch.Tensor:
     """``x`` with its first ``o`` latent frames replaced by the known frames re-noised to ``sigma``
     (at σ = 0: the known frames themselves, exactly)."""
