@@ -202,6 +202,13 @@ def confusion_tables(scored: list[Scored]) -> str:
     )
 
 
+def video_tensor(frames: np.ndarray):
+    """uint8 frames ``[F, H, W, 3]`` -> float ``[1, 3, F, H, W]`` in [-1, 1], as the VAE encodes them."""
+    import torch
+
+    return torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+
+
 def reconstruct(clips: list[Clip], config_files: list[str], overrides: list[str]) -> list[Clip]:
     """The clips with their frames replaced by the config's VAE's reconstructions."""
     import torch
@@ -217,8 +224,7 @@ def reconstruct(clips: list[Clip], config_files: list[str], overrides: list[str]
     vae = build_vae(config.vae, torch.device("cpu"))
     out = []
     for clip in tqdm(clips, desc="reconstruct"):
-        video = torch.from_numpy(clip.frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # [1, 3, F, H, W]
-        frames = video_to_uint8(vae.decode(vae.encode(video))[0])
+        frames = video_to_uint8(vae.decode(vae.encode(video_tensor(clip.frames)))[0])
         out.append(dataclasses.replace(clip, frames=frames))
     return out
 
@@ -273,10 +279,7 @@ def sample_and_score(
 
     normal, blank, swapped = [], [], []
     for n, clip in enumerate(tqdm(clips, desc="clips")):
-        init = None
-        if start_sigma < 1.0:
-            frames = torch.from_numpy(clip.frames[:num_frames]).permute(3, 0, 1, 2)[None].float()  # [1, 3, F, H, W]
-            init = pipeline.vae.encode(frames / 127.5 - 1)
+        init = pipeline.vae.encode(video_tensor(clip.frames[:num_frames])) if start_sigma < 1.0 else None
         subjects, refs = clip.subjects, clip.references
         places = start_places([s["track"] for s in subjects]) if placed else None
         caption = ordinal_caption([s["motion"] for s in subjects], places, clip.background if placed else None)
