@@ -28,6 +28,10 @@ degradations as it reads clean clips: on 100 generated held-out clips identity 1
 ``--start-sigma S`` starts every sample from the clip's own video (through the VAE) re-noised to
 the noise level S instead of from pure noise: identity from S = 0.6 but not from 0.95 says the model
 finishes shapes it is given and does not choose them.
+``--each-checkpoint --load <run> --csv <file>`` evaluates every complete checkpoint of a training run
+(``--ema``: its weight average), oldest first, one CSV row each: the figures during training. A
+rerun evaluates only checkpoints without a row made from the same weights and settings (digests in
+the row), and keeps the rows of checkpoints the run has pruned since.
 ``--reconstruct`` scores the config's VAE's reconstructions (encode, decode) of those videos: the
 ceiling that any DiT generating through this VAE can reach. ``--confusion`` also prints, for the
 scored videos (a model's: those made with the references), which shape and which motion the
@@ -38,7 +42,9 @@ colour was found in fewer than half of the frames; for a motion, not in every fr
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
+import hashlib
 import json
 import logging
 import sys
@@ -330,6 +336,85 @@ def table(figures: dict) -> str:
     return "\n".join(lines)
 
 
+CSV_KEYS = ("iteration", "weights_sha256", "settings_sha256")  # then the figures
+
+
+def sha256_of(paths: list[Path]) -> str:
+    """The digest of ``paths`` (names and contents) that tools/precompute_latents.py records."""
+    from tools.precompute_latents import files_digest
+
+    return files_digest(paths)
+
+
+def run_checkpoints(run: Path, ema: bool) -> list[tuple[int, Path]]:
+    """``(iteration, weights path)`` of every complete checkpoint of the training run ``run``, oldest first."""
+    from sgm.checkpoint import SAT_MODEL_FILE
+    from sgm.training import EMA_FILE, complete_checkpoints
+
+    tags = sorted(int(tag) for tag in complete_checkpoints(run))
+    return [(tag, run / str(tag) / (EMA_FILE if ema else SAT_MODEL_FILE)) for tag in tags]
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of an earlier ``--each-checkpoint`` CSV (none when the file is missing)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """All rows, by iteration, through a temporary name."""
+    rows = sorted(rows, key=lambda row: int(row["iteration"]))
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def each_checkpoint(run: Path, ema: bool, out: Path, settings: dict, evaluate) -> tuple[list[dict], int]:
+    """Evaluate every complete checkpoint of ``run`` with ``evaluate(weights path) -> figures`` into the
+    CSV ``out``; rows made from the same weights and settings are kept, not evaluated again. Returns
+    the rows and how many were evaluated. ``ValueError`` when ``out`` holds rows of other settings."""
+    settings_sha = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    rows = read_rows(out)
+    other = [row["iteration"] for row in rows if row.get("settings_sha256") != settings_sha]
+    if other:
+        raise ValueError(f"{out}: rows made with other settings (iteration {other[0]}); write these to another --csv")
+    by_iteration = {int(row["iteration"]): row for row in rows}
+    evaluated = 0
+    for iteration, weights in run_checkpoints(run, ema):
+        if not weights.is_file():
+            log.warning("%s: no %s: skipped", weights.parent, weights.name)
+            continue
+        weights_sha = sha256_of([weights])
+        if by_iteration.get(iteration, {}).get("weights_sha256") == weights_sha:
+            continue
+        log.info("evaluating %s", weights)
+        figures = evaluate(weights)
+        by_iteration[iteration] = {
+            "iteration": str(iteration),
+            "weights_sha256": weights_sha,
+            "settings_sha256": settings_sha,
+            **{key: f"{value:.6f}" if isinstance(value, float) else str(value) for key, value in figures.items()},
+        }
+        write_rows(out, list(by_iteration.values()))
+        evaluated += 1
+    return sorted(by_iteration.values(), key=lambda row: int(row["iteration"])), evaluated
+
+
+def rows_table(rows: list[dict]) -> str:
+    """The figures of each row, one line per iteration."""
+    keys = [key for key in rows[0] if key not in CSV_KEYS and key != "n_videos"]
+    lines = ["iteration  " + "  ".join(keys)]
+    for row in rows:
+        values = "  ".join(f"{float(row[key]):>{len(key)}.3f}" for key in keys)
+        lines.append(f"{int(row['iteration']):>9}  {values}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help="a held-out split (release layout with meta/); default: generate clips")
@@ -364,6 +449,13 @@ def main(argv=None) -> int:
         help="start every sample from the clip's own video re-noised to this level in [0, 1) (SDEdit): "
         "where in the noise levels the model decides shape and motion (default 1: plain sampling)",
     )
+    parser.add_argument(
+        "--each-checkpoint",
+        action="store_true",
+        help="with --load <training run> and --csv: evaluate every complete checkpoint of the run, one row each",
+    )
+    parser.add_argument("--ema", action="store_true", help="with --each-checkpoint: the weight averages")
+    parser.add_argument("--csv", help="with --each-checkpoint: the rows (kept and extended on a rerun)")
     parser.add_argument("overrides", nargs="*", default=[], metavar="key=value")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -380,6 +472,17 @@ def main(argv=None) -> int:
         parser.exit(2, f"error: --start-sigma: expected a noise level in [0, 1], got {args.start_sigma}\n")
     if args.start_sigma < 1.0 and (args.ground_truth or args.reconstruct):
         parser.exit(2, "error: --start-sigma applies to a model's samples, not --ground-truth or --reconstruct\n")
+    if args.each_checkpoint:
+        if args.ground_truth or args.reconstruct:
+            parser.exit(
+                2, "error: --each-checkpoint evaluates a model's checkpoints, not --ground-truth or --reconstruct\n"
+            )
+        if not args.load or not args.csv:
+            parser.exit(2, "error: --each-checkpoint needs --load <training run folder> and --csv <file>\n")
+        if not run_checkpoints(Path(args.load), args.ema):
+            parser.exit(2, f"error: --load {args.load}: no complete checkpoint (<iteration>/complete.json) in it\n")
+    elif args.ema or args.csv:
+        parser.exit(2, "error: --ema and --csv apply to --each-checkpoint only\n")
     with_frames = args.ground_truth or args.reconstruct or args.start_sigma < 1.0
     clips = load_clips(data, args.limit, args.seed, with_frames=with_frames)
     if args.placed and any(c.background is None for c in clips):
@@ -395,6 +498,41 @@ def main(argv=None) -> int:
             start, stop = (int(v) if v else None for v in args.frames.split(":"))
         except ValueError:
             parser.exit(2, f"error: --frames: expected START:STOP (either may be empty), got '{args.frames}'\n")
+        if args.each_checkpoint:
+            missing = [name for name in args.config if not Path(name).is_file()]
+            if missing:
+                parser.exit(2, f"error: --config: {missing[0]}: no such file\n")
+            settings = {
+                "clips": json.dumps([[clip.id, clip.subjects] for clip in clips], default=str),
+                "data": args.data,
+                "seed": args.seed,
+                "config": {name: sha256_of([Path(name)]) for name in args.config},
+                "overrides": list(args.overrides),
+                "frames": args.frames,
+                "placed": args.placed,
+                "start_sigma": args.start_sigma,
+                "ema": args.ema,
+            }
+
+            def evaluate(weights: Path) -> dict:
+                scores = sample_and_score(
+                    clips,
+                    args.config,
+                    [*args.overrides, f"load={weights}"],
+                    slice(start, stop),
+                    args.placed,
+                    args.start_sigma,
+                )
+                return model_figures(scores, len(clips))
+
+            try:
+                rows, evaluated = each_checkpoint(Path(args.load), args.ema, Path(args.csv), settings, evaluate)
+            except ValueError as error:
+                parser.exit(2, f"error: {error}\n")
+            if rows:
+                print(rows_table(rows))
+            log.info("%d checkpoints evaluated, %d rows kept -> %s", evaluated, len(rows) - evaluated, args.csv)
+            return 0
         scores = sample_and_score(clips, args.config, overrides, slice(start, stop), args.placed, args.start_sigma)
         scored, figures = scores.normal, model_figures(scores, len(clips))
     print(table(figures))
