@@ -397,24 +397,38 @@ def test_checkpoint_pruning_reports_a_folder_it_cannot_remove(tmp_path, monkeypa
     assert "could not remove old checkpoint" in caplog.text and "10" in caplog.text
 
 
-def test_training_values_are_checked_before_anything_starts(dataset):
-    for extra, message in (
-        ("save_interval=0", "save_interval: expected at least 1"),
-        ("log_interval=0", "log_interval: expected at least 1"),
-        ("gradient_accumulation=0", "gradient_accumulation: expected at least 1"),
-        ("micro_batch_size=0", "micro_batch_size: expected at least 1"),
-        ("train_iters=-1", "train_iters: expected at least 1"),
-        ("data.height=60", "data.height, data.width: expected height a multiple of 16"),
-        ("device=gpu", "device: expected auto, cpu or cuda"),
-        ("training_shift=0", "training_shift: expected a number > 0"),
-        ("ema_decay=1", "ema_decay: expected a number between 0 and 1"),
-        ("ema_decay=0.99 zero_stage=3", "ema_decay: the weight average is kept for full training"),
-    ):
-        result = subprocess.run(
-            [sys.executable, *TRAIN, f"data.root={dataset}", *extra.split()], cwd=ROOT, capture_output=True, text=True
+def test_training_values_are_checked_before_anything_starts(dataset, capsys, monkeypatch):
+    """Each bad value exits 2 with one line naming the key, before any process group or model exists.
+    The first case runs the script as a user does (no traceback); the others call its ``main`` in
+    this process, which reaches the same check without paying a Python start-up each."""
+    import train_video_concat
+
+    monkeypatch.chdir(ROOT)  # the configs' relative paths, as for the script
+    for n, (extra, message) in enumerate(
+        (
+            ("save_interval=0", "save_interval: expected at least 1"),
+            ("log_interval=0", "log_interval: expected at least 1"),
+            ("gradient_accumulation=0", "gradient_accumulation: expected at least 1"),
+            ("micro_batch_size=0", "micro_batch_size: expected at least 1"),
+            ("train_iters=-1", "train_iters: expected at least 1"),
+            ("data.height=60", "data.height, data.width: expected height a multiple of 16"),
+            ("device=gpu", "device: expected auto, cpu or cuda"),
+            ("training_shift=0", "training_shift: expected a number > 0"),
+            ("ema_decay=1", "ema_decay: expected a number between 0 and 1"),
+            ("ema_decay=0.99 zero_stage=3", "ema_decay: the weight average is kept for full training"),
         )
-        assert result.returncode == 2 and message in result.stderr, (extra, result.stderr[-500:])
-        assert "Traceback" not in result.stderr
+    ):
+        args = [*TRAIN[1:], f"data.root={dataset}", *extra.split()]
+        if n == 0:
+            result = subprocess.run([sys.executable, TRAIN[0], *args], cwd=ROOT, capture_output=True, text=True)
+            code, stderr = result.returncode, result.stderr
+            assert "Traceback" not in stderr
+        else:
+            with pytest.raises(SystemExit) as exit_info:
+                train_video_concat.main(args)
+            code, stderr = exit_info.value.code, capsys.readouterr().err
+            assert stderr.strip().count("\n") == 0, stderr
+        assert code == 2 and message in stderr, (extra, stderr[-500:])
 
 
 def torchrun_raw(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -13,7 +13,8 @@ unchanged): the causal Wan VAE encodes a clip's first frame alone, so that is th
 first frame as an image. Train with ``data.root=<out> data.latents=true`` (and ``data.num_frames=1``
 for first frames); evaluate with ``eval_shapes.py --data <out>`` (and ``sampling_num_frames=1``).
 Each latent file records the digest of the source file it was cut from and the cut; a rerun keeps a
-file only when both match. A clip without latents (or captions) is reported and the others go on.
+file only when both match. A clip without latents (or captions) is reported and the others go on
+(exit status 1 when any was skipped).
 """
 
 from __future__ import annotations
