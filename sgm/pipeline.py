@@ -42,7 +42,7 @@ from sat.parallel import (
     token_offset,
 )
 from sat.training import gib
-from sgm.checkpoint import MODEL_CARD_FILE, find_model_card, load_dit_state_dict, read_dit_checkpoint
+from sgm.checkpoint import MODEL_CARD_FILE, find_model_card, load_dit_state_dict, read_dit_checkpoint, read_state_dict
 from sgm.data.references import RELEASE_MAX_REFERENCES, fit_reference, image_to_tensor
 from sgm.diffusion.sampling import KnownFrames, guided_denoiser, renoise, sample, start_index
 from sgm.diffusion.schedules import SAMPLING_SHIFT, shifted_schedule
@@ -71,7 +71,7 @@ from sgm.models.wan_vae import VAEConfig, WanVAE, build_vae, default_vae_config,
 from sgm.modules.attention import attention_heads
 from sgm.modules.dit import DiTConfig, KaleidoDiT
 from sgm.modules.encoders.conditioner import WAN_NEGATIVE_PROMPT, TextConditioner
-from sgm.modules.encoders.text import TextEncoderConfig, build_text_encoder
+from sgm.modules.encoders.text import RELEASE_T5_FILE, TextEncoderConfig, build_text_encoder, infer_umt5_config
 from sgm.prompt_extend import PromptExtendConfig, check_prompt_extend
 from sgm.registry import ModelConfig, build_dit, model_dtype, resolve_device, resolve_dtype, resolve_model
 
@@ -416,6 +416,20 @@ def load_dit(
     return dit
 
 
+def text_encoder_shape(folder: Path) -> dict[str, int]:
+    """The umT5 encoder's sizes (``UMT5_XXL``'s keys) as ``TextEncoder.from_folder`` would build it:
+    read off the release ``.pth``'s shapes (memory-mapped: no tensor is read) or a Hugging Face
+    ``config.json``; umT5-XXL when the folder holds neither (the card's encoder, not downloaded yet)."""
+    release_file = folder / RELEASE_T5_FILE
+    if release_file.is_file():
+        config = infer_umt5_config(read_state_dict(release_file))
+        return {key: getattr(config, key) for key in UMT5_XXL}
+    if (folder / "config.json").is_file():
+        raw = json.loads((folder / "config.json").read_text())
+        return {key: raw.get(key, value) for key, value in UMT5_XXL.items()}
+    return dict(UMT5_XXL)
+
+
 def memory_plans(config: SamplingConfig, components: Components) -> list[MemoryPlan]:
     """The plan of every tier for ``config``'s model, size, frames, ``max_references`` references,
     guidance and parallel layout (weights, block, activations, attention, text encoder, VAE)."""
@@ -435,11 +449,7 @@ def memory_plans(config: SamplingConfig, components: Components) -> list[MemoryP
     latent_values = geometry.latent_shape(
         height=height, width=width, latent_frames=config.sampling_num_frames, channels=arch.in_channels
     )
-    text_folder = Path(components.text_encoder_path or "")
-    shape = UMT5_XXL
-    if (text_folder / "config.json").is_file():
-        raw = json.loads((text_folder / "config.json").read_text())
-        shape = {key: raw.get(key, value) for key, value in UMT5_XXL.items()}
+    shape = text_encoder_shape(Path(components.text_encoder_path or ""))
     text_bytes = torch.empty(0, dtype=resolve_dtype(config.text_encoder.dtype)).element_size()
     vae_bytes = torch.empty(0, dtype=resolve_dtype(config.vae.dtype)).element_size()
     vae_file = Path(components.vae_path or "")

@@ -1,5 +1,6 @@
 """Memory tiers: every tier samples what the full tier samples; the lowest holds at most its blocks."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,23 @@ def test_the_plans_text_encoder_size_is_umt5s(tmp_path):
         d_kv=c.d_kv,
         buckets=c.relative_attention_num_buckets,
     )
+
+
+def test_the_plan_sizes_the_text_encoder_the_folder_holds():
+    """The committed tiny encoder is a release ``.pth`` without config.json: the plan reads its
+    shapes (it assumed umT5-XXL, 21 GiB, and a GPU run measured 5 GiB for a plan of 27), and the
+    loaded encoder, once moved, takes exactly the planned bytes: one embedding, not a copy per name."""
+    from sgm.modules.encoders.text import build_text_encoder
+    from sgm.pipeline import memory_plans
+
+    files = [str(ROOT / "configs/model/kaleido_tiny.yaml"), str(ROOT / "configs/sampling/tiny.yaml")]
+    config = load_config(SamplingConfig, files, [])
+    components = resolve_components(config)
+    planned = {p.tier: p.text_encoder for p in memory_plans(config, components)}
+    encoder = build_text_encoder(dataclasses.replace(config.text_encoder, path=components.text_encoder_path), "cpu")
+    model = encoder.model.to(torch.float64)  # a move makes new tensors, as .to("cuda") does
+    storages = {p.data_ptr(): p.numel() * p.element_size() for _, p in model.named_parameters(remove_duplicate=False)}
+    assert planned["full"] == sum(storages.values()) / 2 and planned["lowest"] == 0  # planned in float32
 
 
 def test_plan_picks_a_tier_that_fits_the_14b_at_512p(capsys):
