@@ -145,6 +145,46 @@ def test_build_from_config_sections(release_file, tmp_path, reference):
     assert torch.equal(folder.encode(video), WanVAE.from_release_checkpoint(release_file).encode(video))
 
 
+def test_a_diffusers_folder_loads_as_diffusers_loads_it_in_one_file_or_shards(tmp_path, reference, monkeypatch):
+    """Our load of a diffusers folder builds the network on the meta device (never a float32 copy
+    to cast) and gives diffusers' own ``from_pretrained`` weights and encoding, from one file or
+    from shards, in float32 and bfloat16; a folder without weights is refused naming what it looked for."""
+    import functools
+
+    from sgm.models.wan_vae import VAEConfig, build_vae
+
+    built_on = []
+    init = AutoencoderKLWan.__init__
+
+    @functools.wraps(init)
+    def spy(self, *args, **kwargs):
+        built_on.append(torch.empty(0).device.type)  # the default device while the layers are made
+        init(self, *args, **kwargs)
+
+    reference.save_pretrained(tmp_path / "one")
+    reference.save_pretrained(tmp_path / "shards", max_shard_size="100KB")
+    assert (tmp_path / "shards" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    video = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+    for dtype in (torch.float32, torch.bfloat16):
+        peer = AutoencoderKLWan.from_pretrained(str(tmp_path / "one"), torch_dtype=dtype)
+        for folder in ("one", "shards"):
+            with monkeypatch.context() as patch:
+                patch.setattr(AutoencoderKLWan, "__init__", spy)
+                ours = WanVAE.from_diffusers(tmp_path / folder, dtype=dtype)
+            state = ours.model.state_dict()
+            assert all(t.dtype == dtype and torch.equal(t, peer.state_dict()[k]) for k, t in state.items())
+            assert set(state) == set(peer.state_dict())
+        if dtype == torch.float32:
+            assert torch.equal(ours.encode(video), WanVAE(peer).encode(video))
+    assert built_on == ["meta"] * 4
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "one" / "config.json").rename(tmp_path / "empty" / "config.json")
+    with pytest.raises(FileNotFoundError, match="none of diffusion_pytorch_model.safetensors"):
+        build_vae(VAEConfig(path=str(tmp_path / "empty")), "cpu")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        WanVAE.from_diffusers(tmp_path / "one")
+
+
 def test_fast_rms_norms_give_the_same_training_forward_and_gradients():
     import copy
 

@@ -259,8 +259,15 @@ class WanVAE(nn.Module):
     def from_diffusers(
         cls, folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", **kwargs
     ) -> WanVAE:
-        """Load a diffusers ``AutoencoderKLWan`` folder (``config.json`` + weights), offline."""
-        model = AutoencoderKLWan.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
+        """Load a diffusers ``AutoencoderKLWan`` folder (``config.json`` + weights), offline: built on
+        the meta device from its config and loaded strictly with ``assign=True``. (diffusers'
+        ``from_pretrained`` does that only with accelerate installed; without it, it builds the whole
+        model in float32 on the CPU first.)"""
+        folder = Path(folder)
+        weights = diffusers_weights_file(folder)
+        with torch.device("meta"):
+            model = AutoencoderKLWan.from_config(AutoencoderKLWan.load_config(str(folder)))
+        load_strict(model, read_state_dict(weights), f"{weights} (Wan VAE)", assign=True, dtype=dtype)
         return cls(model, **kwargs).to(device)
 
     @property
@@ -358,6 +365,23 @@ class VAEConfig:
     exact_constants: bool = False  # True: declared mean/std instead of the release's bf16-rounded ones
     tiling: bool = False  # spatial tiles: less memory, not bit-equal
     slicing: bool = False  # one sample at a time: less memory
+
+
+DIFFUSERS_WEIGHT_FILES = (  # what diffusers' save_pretrained writes, in the order it prefers them
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.safetensors.index.json",
+    "diffusion_pytorch_model.bin",
+)
+
+
+def diffusers_weights_file(folder: Path) -> Path:
+    """The weights of a diffusers model folder (one file, or a shard index), after its ``config.json``."""
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: no config.json (expected a diffusers AutoencoderKLWan folder)")
+    for name in DIFFUSERS_WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"{folder}: none of {', '.join(DIFFUSERS_WEIGHT_FILES)}")
 
 
 def build_vae(config: VAEConfig, device: str | torch.device) -> WanVAE:
