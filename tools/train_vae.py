@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sat.training import ScheduleConfig, lr_factor  # noqa: E402
 from sgm.data.subject_mask import foreground, subject_loss_weights  # noqa: E402
-from sgm.models.wan_vae import frame_multiple, use_fast_rms_norms, vae_strides  # noqa: E402
+from sgm.models.wan_vae import WanVAE, frame_multiple, use_fast_rms_norms, vae_strides  # noqa: E402
 
 log = logging.getLogger("train_vae")
 KL_WEIGHT = 1e-6
@@ -204,7 +204,7 @@ def main(argv=None) -> int:
     )
     torch.manual_seed(args.seed)
     if args.init:
-        model = AutoencoderKLWan.from_pretrained(args.init)
+        model = WanVAE.from_diffusers(args.init).model.requires_grad_(True)  # float32; the wrapper freezes it
     else:
         try:
             architecture = parse_architecture(args.dim_mult, args.temporal_downsample)
