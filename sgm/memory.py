@@ -269,12 +269,21 @@ def umt5_encoder_parameters(
     return vocab_size * d_model + num_layers * per_layer + d_model
 
 
+# One block's inference working set in tensors of the block's width D, its input included, as a
+# live-tensor tracker measures it on the block's code (tests/test_memory.py holds the two to each
+# other): the attention half keeps 7 in float32 and 11 in bf16/fp16 (there the q/k RMS norms work
+# in float32 and the release's RoPE rounding keeps the halves apart); the MLP half keeps 5 and one
+# FFN-wide buffer (GELU and the residual additions run in place without gradients).
+ATTENTION_HALF_WIDTHS = {4: 7, 2: 11}  # by bytes per value of the model dtype
+MLP_HALF_WIDTHS = 5
+
+
 def block_activation_bytes(*, tokens: int, batch: int, hidden: int, ffn: int, bytes_per_value: int) -> float:
-    """One block's working set without gradients: its input plus the larger of the attention half
-    (normed input, q, k, v, attention output, RoPE temporaries: 6 D-wide) and the MLP half (normed
-    input and output, D-wide, and the FFN's hidden before and after GELU)."""
-    values = batch * tokens * (hidden + max(6 * hidden, 2 * hidden + 2 * ffn))
-    return values * bytes_per_value
+    """One block's peak working set without gradients: the larger of its attention half and its
+    MLP half (``ATTENTION_HALF_WIDTHS``, ``MLP_HALF_WIDTHS``)."""
+    attention = ATTENTION_HALF_WIDTHS[bytes_per_value] * hidden
+    mlp = MLP_HALF_WIDTHS * hidden + ffn
+    return batch * tokens * max(attention, mlp) * bytes_per_value
 
 
 def vae_decode_bytes(*, height: int, width: int, temporal_stride: int, tiled: bool, bytes_per_value: int) -> float:

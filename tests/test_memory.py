@@ -124,6 +124,69 @@ def test_the_plan_sizes_the_text_encoder_the_folder_holds():
     assert planned["full"] == sum(storages.values()) / 2 and planned["lowest"] == 0  # planned in float32
 
 
+class LiveTensorBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Bytes of the tensors created inside the mode and still alive, and their peak (storages that
+    existed before, weights and inputs, are not counted; views of them neither)."""
+
+    def __init__(self, existing: list):
+        super().__init__()
+        tensors = torch.utils._pytree.tree_flatten(existing)[0]
+        self.known = {t.untyped_storage().data_ptr() for t in tensors if isinstance(t, torch.Tensor)}
+        self.live = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import weakref
+
+        out = func(*args, **(kwargs or {}))
+        for tensor in torch.utils._pytree.tree_flatten(out)[0]:
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            key, size = storage.data_ptr(), storage.nbytes()
+            if key in self.known or size == 0:
+                continue
+            self.known.add(key)
+            self.live += size
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._freed, key, size)
+        return out
+
+    def _freed(self, key: int, size: int) -> None:
+        self.live -= size
+        self.known.discard(key)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ffn", [512, 4096])  # the attention half is the larger, then the MLP half
+def test_the_plans_block_activations_are_what_a_block_holds(dtype, ffn):
+    """``block_activation_bytes`` against the tensors one block's inference forward really keeps
+    alive (its input plus the peak of what it creates), measured by a dispatch-level tracker; the
+    CUDA path's FFN buffer is fresh, so the CPU's reused scratch buffer is switched off."""
+    from sgm.memory import block_activation_bytes
+    from sgm.registry import build_dit
+
+    arch = {"num_layers": 1, "hidden_size": 512, "num_attention_heads": 8, "inner_hidden_size": ffn, "text_dim": 64}
+    dit = build_dit(arch, dtype=dtype).eval()
+    layer = dit.transformer.layers[0]
+    layer.mlp.scratch = None
+    forward, seen = layer.forward, {}
+
+    def tracked(h, *args):
+        with LiveTensorBytes([*dit.parameters(), *dit.buffers(), h, *args]) as tracker:
+            out = forward(h, *args)
+        seen.update(peak=tracker.peak + h.numel() * h.element_size(), batch=h.shape[0], tokens=h.shape[1])
+        return out
+
+    layer.forward = tracked
+    x = torch.randn(2, 2, 16, 16, 16, dtype=dtype)  # [B, T, C, H, W]: 2 x 8 x 8 video tokens per sample
+    with torch.no_grad():
+        dit(x, torch.full((2,), 500.0), torch.randn(2, 8, 64, dtype=dtype), torch.randn(2, 1, 16, 16, 16, dtype=dtype))
+    planned = block_activation_bytes(
+        tokens=seen["tokens"], batch=seen["batch"], hidden=512, ffn=ffn, bytes_per_value=dtype.itemsize
+    )
+    assert abs(seen["peak"] - planned) <= 0.02 * planned, (seen["peak"], planned)
+
+
 def test_plan_picks_a_tier_that_fits_the_14b_at_512p(capsys):
     import sample_video
 
