@@ -2,23 +2,25 @@
 
     memory:
       tier: balanced        # full | balanced | low | lowest
-      blocks_resident: 4    # expert: DiT blocks on the device at once (low, lowest)
+      blocks_resident: 4    # expert: DiT blocks on the device at once (low without prefetch, lowest)
 
 | tier     | text encoder                    | VAE decode | DiT blocks                                           |
 |----------|---------------------------------|------------|------------------------------------------------------|
 | full     | on the device                   | whole      | all on the device                                    |
 | balanced | on the device only to encode    | tiled      | all on the device                                    |
-| low      | on the device only to encode    | tiled      | ``blocks_resident`` at a time, from host memory      |
+| low      | on the device only to encode    | tiled      | one and the next one arriving, from host memory (*)  |
 | lowest   | on the CPU                      | tiled      | one at a time (and the next one read ahead), from disk |
 
 ``low`` uses diffusers' ``apply_group_offloading`` (block level, with a side stream for prefetch
-on CUDA) on the DiT's blocks: it works on any ``nn.Module``. ``lowest`` is ours: diffusers' disk
-offload writes each group's tensors from a model that is already in memory, so the whole model
-would be held once; here the blocks never are. The DiT is built on the meta device, the weights
-outside the blocks are read from the checkpoint's safetensors file, and each block's tensors are
-read just before the block runs and dropped after it (``BlockStreamer``), so the process holds a
-block or two and never the model. The maths is unchanged: every tier samples the same latent
-(bit for bit in float32: tested).
+on CUDA) on the DiT's blocks: it works on any ``nn.Module``. (*) diffusers streams one block per
+group, so with ``prefetch`` (the default) one block runs while the next is copied in; with
+``prefetch: false`` ``blocks_resident`` blocks are copied in at a time, with no overlap.
+``lowest`` is ours: diffusers' disk offload writes each group's tensors from a model that is
+already in memory, so the whole model would be held once; here the blocks never are. The DiT is
+built on the meta device, the weights outside the blocks are read from the checkpoint's
+safetensors file, and each block's tensors are read just before the block runs and dropped after
+it (``BlockStreamer``), so the process holds a block or two and never the model. The maths is
+unchanged: every tier samples the same latent (bit for bit in float32: tested).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class MemoryConfig:
 
     tier: str = "full"  # full | balanced | low | lowest | auto (the fastest whose planned peak fits vram_gib)
     vram_gib: float | None = None  # auto: the device memory to fit in
-    blocks_resident: int | None = None  # DiT blocks on the device at once (low: 4, lowest: 1); None: the tier's
+    blocks_resident: int | None = None  # blocks per copy (low without prefetch: 4, lowest: 1); None: the tier's
     prefetch: bool = True  # read / copy the next block while one runs
     weights: str = "model"  # model | fp8 | fp8_scaled: the blocks' weight matrices stored in float8 e4m3
 
@@ -295,6 +297,16 @@ def vae_decode_bytes(*, height: int, width: int, temporal_stride: int, tiled: bo
     return VAE_DECODE_TENSORS * VAE_TOP_CHANNELS * temporal_stride * h * w * bytes_per_value
 
 
+def blocks_on_device(tier: str, *, blocks_resident: int, prefetch: bool) -> int:
+    """DiT blocks holding weights on the device at once in a block-swap tier: ``low`` with prefetch,
+    the running block and the next one (diffusers' streamed group offloading takes one block per
+    group, whatever count it is given), without it ``blocks_resident``; ``lowest`` (``BlockStreamer``)
+    ``blocks_resident`` plus the one being read ahead with prefetch."""
+    if tier == "low":
+        return 2 if prefetch else blocks_resident
+    return blocks_resident + int(prefetch)
+
+
 def plan_tier(
     tier: str,
     *,
@@ -302,6 +314,7 @@ def plan_tier(
     rest_bytes: float,
     num_layers: int,
     blocks_resident: int | None,
+    prefetch: bool,
     activations: float,
     attention: float,
     latents: float,
@@ -312,12 +325,13 @@ def plan_tier(
 ) -> MemoryPlan:
     """Phase peaks of ``tier`` (see the module's table): the text encoder is on the device only
     while encoding from ``balanced`` on, and on the CPU in ``lowest``; block swap keeps
-    ``blocks_resident`` blocks plus the next group being copied in."""
+    ``blocks_on_device`` blocks."""
     settings = tier_settings(MemoryConfig(tier, blocks_resident=blocks_resident))
     if settings.blocks_resident is None:
         group, dit = 0.0, rest_bytes + num_layers * block_bytes
     else:
-        group = min(num_layers, 2 * settings.blocks_resident) * block_bytes  # resident + read ahead
+        blocks = blocks_on_device(tier, blocks_resident=settings.blocks_resident, prefetch=prefetch)
+        group = min(num_layers, blocks) * block_bytes
         dit = rest_bytes + group
     text = 0.0 if settings.text_encoder == "cpu" else text_encoder
     text_while_sampling = text if settings.text_encoder == "device" else 0.0

@@ -459,6 +459,7 @@ def memory_plans(config: SamplingConfig, components: Components) -> list[MemoryP
         "rest_bytes": (total - arch.num_layers * block) / shards,
         "num_layers": arch.num_layers,
         "blocks_resident": config.memory.blocks_resident,
+        "prefetch": config.memory.prefetch,
         "activations": block_activation_bytes(
             tokens=local_tokens,
             batch=batch,
@@ -538,8 +539,8 @@ def check_memory(config: SamplingConfig) -> None:
 
 def offload_blocks(dit: KaleidoDiT, device: torch.device, tier: TierSettings, prefetch: bool) -> None:
     """Block swap from host memory with diffusers' group offloading: the blocks live on the CPU and
-    ``tier.blocks_resident`` of them are copied to ``device`` at a time (on a side stream, ahead of
-    use, on CUDA); the rest of the DiT stays on ``device``."""
+    are copied to ``device`` one at a time on a side stream, the next while one runs (``prefetch``),
+    or ``tier.blocks_resident`` at a time without; the rest of the DiT stays on ``device``."""
     from diffusers.hooks import apply_group_offloading
 
     for name, child in dit.named_children():
@@ -548,12 +549,18 @@ def offload_blocks(dit: KaleidoDiT, device: torch.device, tier: TierSettings, pr
     if device.type == "cpu":
         log.info("memory: block swap moves blocks between host and device memory: nothing to do on the CPU")
         return
+    if prefetch and tier.blocks_resident != 1:
+        log.info(
+            "memory: prefetch streams one block at a time (the next one is copied in while one runs); "
+            "memory.prefetch=false copies memory.blocks_resident=%d at a time",
+            tier.blocks_resident,
+        )
     apply_group_offloading(
         dit.transformer,
         onload_device=device,
         offload_device=torch.device("cpu"),
         offload_type="block_level",
-        num_blocks_per_group=tier.blocks_resident,
+        num_blocks_per_group=1 if prefetch else tier.blocks_resident,  # diffusers streams single blocks only
         use_stream=prefetch,
     )
 

@@ -220,7 +220,13 @@ def test_plan_counts_the_dits_weights_and_auto_chooses(tmp_path):
     weight_bytes = sum(p.numel() * p.element_size() for p in dit.parameters())
     assert plans["full"].dit_resident == weight_bytes
     block = sum(p.numel() * p.element_size() for p in dit.transformer.layers[0].parameters())
-    assert plans["lowest"].dit_resident == weight_bytes - len(dit.transformer.layers) * block + 2 * block
+    rest = weight_bytes - len(dit.transformer.layers) * block
+    assert plans["lowest"].dit_resident == rest + 2 * block  # one block and the one read ahead
+    assert plans["low"].dit_resident == rest + 2 * block  # diffusers streams one block per group
+    unstreamed = {
+        p.tier: p for p in memory_plans(demo_config("memory.prefetch=false", "memory.blocks_resident=3"), components)
+    }
+    assert unstreamed["low"].dit_resident == unstreamed["lowest"].dit_resident == rest + 3 * block
     assert plans["lowest"].text_encoder == 0 and plans["full"].peak > plans["lowest"].peak
     assert choose_tier(list(plans.values()), 64).tier == "full"
     pipe = KaleidoPipeline.from_config(demo_config("memory.tier=auto", "memory.vram_gib=64"), device="cpu")
