@@ -109,6 +109,57 @@ def test_subjects_of_their_own_size(model):
     assert (out - changed).abs().max() > 1e-4 and (out - alone).abs().max() > 1e-4  # each subject is attended to
 
 
+def test_subject_timestep_equal_to_the_sample_timestep_is_the_release(model):
+    """The per-token path with the subjects at the sample's own timestep gives the shared path's numbers."""
+    x, _, context = inputs()
+    t = torch.full((B,), 421.0)
+    subjects = torch.randn(B, 2, C, H, W)
+    own = build_dit({**TINY, "subject_timestep": 421.0}).eval()
+    own.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        release = model(x, t, context, subjects)
+        per_token = own(x, t, context, subjects)
+        plain = own(x, t, context)
+    torch.testing.assert_close(per_token, release, rtol=0, atol=1e-6)
+    torch.testing.assert_close(plain, model(x, t, context), rtol=0, atol=0)  # no subjects: no change
+
+
+def test_subject_timestep_modulates_the_subjects_as_clean_latents(model):
+    """Layer 0's attention input, recomputed by hand: subjects with timestep 0's shift and scale,
+    the video with the sample's."""
+    x, t, context = inputs()
+    subjects = torch.randn(B, 1, C, H, W)
+    clean = build_dit({**TINY, "subject_timestep": 0.0}).eval()
+    clean.load_state_dict(model.state_dict())
+    seen = {}
+    layer = clean.transformer.layers[0].attention
+    handle = layer.register_forward_pre_hook(lambda m, args: seen.update(a=args[0]))
+    with torch.no_grad():
+        out = clean(x, t, context, subjects)
+        tokens, layout = clean.embed_tokens(x, subjects)
+        offsets = clean.mixins["adaln_layer"].adaLN_modulations[0][0]  # [6, D]
+
+        def shift_scale(timestep):
+            emb = clean.time_embed(timestep_sinusoid(timestep, TINY["time_freq_dim"]).float())
+            six = clean.adaln_projection(emb).view(-1, 6, TINY["hidden_size"]) + offsets
+            return six[:, 0, None], six[:, 1, None]  # [B, 1, D]
+
+        normed = torch.nn.functional.layer_norm(tokens, tokens.shape[-1:], eps=1e-6)
+        ns = layout.num_subject_tokens
+        (s0, c0), (st, ct) = shift_scale(torch.zeros(B)), shift_scale(t)
+        expected = torch.cat([normed[:, :ns] * (1 + c0) + s0, normed[:, ns:] * (1 + ct) + st], dim=1)
+        release = model(x, t, context, subjects)
+    handle.remove()
+    torch.testing.assert_close(seen["a"], expected, rtol=0, atol=1e-5)
+    # it changes the prediction (weakly at this init: the outputs' init std is 0.02/sqrt(2·layers))
+    assert (out - release).abs().max() > 1e-5
+
+
+def test_subject_timestep_out_of_range_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"subject_timestep 1200.0 must be in \[0, 1000\]"):
+        build_dit({**TINY, "subject_timestep": 1200.0})
+
+
 def test_bad_subject_shapes_are_clear_errors(model):
     x, t, context = inputs()
     with pytest.raises(ValueError, match="must match the video's H, W"):

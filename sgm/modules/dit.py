@@ -6,7 +6,8 @@ spec-dit-diffusion.md §1–4 is the numerical truth. One forward:
    patch-embedded by the same Conv3d: ``[subject 0 | subject 1 | ... | frame 0 | ... | frame T-1]``.
 2. Timestep ``1000·σ`` -> sinusoid (cos first, float64) -> MLP -> ``emb``; one shared projection
    gives six modulation vectors, to which each layer adds its learned offsets. They apply to
-   every token, subjects included.
+   every token, subjects included (``subject_timestep``, not in the release, gives the subjects
+   their own).
 3. Each layer: modulated LN -> self-attention (q/k RMSNorm over the full width, 3D RoPE) ->
    gated residual; affine LN -> cross-attention of every token to the text -> residual;
    modulated LN -> GELU(tanh) MLP -> gated residual.
@@ -73,6 +74,10 @@ class DiTConfig:
     layernorm_epsilon: float = 1e-6
     rope_theta: float = 10000.0
     subject_rope_origin: tuple[int, int] = SUBJECT_ROPE_ORIGIN
+    # None (the release): subject tokens are modulated with the sample's timestep, like the video.
+    # A number: the timestep (1000·σ) their modulation is computed from instead, e.g. 0 for the
+    # clean latents they are (Wan2.2 TI2V's per-token timesteps give its clean first frame t = 0).
+    subject_timestep: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "patch_size", tuple(self.patch_size))
@@ -95,6 +100,8 @@ class DiTConfig:
             )
         if self.time_freq_dim % 2:
             problems.append(f"time_freq_dim {self.time_freq_dim} must be even")
+        if self.subject_timestep is not None and not 0 <= self.subject_timestep <= 1000:
+            problems.append(f"subject_timestep {self.subject_timestep} must be in [0, 1000] (1000·σ) or unset")
         if len(self.patch_size) != 3 or self.patch_size[0] != 1:
             problems.append(f"patch_size {self.patch_size} must be (1, ph, pw): subjects are single latent frames")
         if problems:
@@ -134,6 +141,27 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale) + shift
+
+
+def token_modulation(
+    video: torch.Tensor, subjects: torch.Tensor | None, num_subject_tokens: int, num_tokens: int
+) -> torch.Tensor:
+    """Modulation vectors ``[B, K, D]`` -> per-token ``[B, K, L, D]`` for a layer's ``chunk``.
+
+    Without ``subjects`` every token shares ``video`` (a broadcast view ``[B, K, 1, D]``, no copy);
+    with them the first ``num_subject_tokens`` tokens take ``subjects`` and the rest ``video``.
+    """
+    video = video[:, :, None, :]  # [B, K, 1, D]
+    if subjects is None or num_subject_tokens == 0:
+        return video
+    batch, parts, _, dim = video.shape
+    return torch.cat(
+        [
+            subjects[:, :, None, :].expand(batch, parts, num_subject_tokens, dim),
+            video.expand(batch, parts, num_tokens - num_subject_tokens, dim),
+        ],
+        dim=2,
+    )  # [B, K, L, D]
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -316,10 +344,11 @@ class TransformerLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
     ) -> torch.Tensor:
-        """``hidden_states [B, L, D]`` (subjects and video), ``context [B, Lt, D]``, ``modulation [B, 6, D]``.
-        (The first argument's name is what diffusers' cache hooks look for: ``sgm.diffusion.step_cache``.)"""
+        """``hidden_states [B, L, D]`` (subjects and video), ``context [B, Lt, D]``, ``modulation [B, 6, 1
+        or L, D]`` (shared or per token: ``token_modulation``). (The first argument's name is what
+        diffusers' cache hooks look for: ``sgm.diffusion.step_cache``.)"""
         h = hidden_states if not self.keep_input else hidden_states.clone()
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)  # [B, 1, D]
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.unbind(1)  # [B, 1 or L, D]
 
         a = modulate(layer_norm(h, None, None, self.eps), shift_msa, scale_msa)
         h = gated_residual(h, gate_msa, self.attention(a, norms, cos, sin))
@@ -499,12 +528,23 @@ class KaleidoDiT(nn.Module):
 
         emb = self.time_embed(timestep_sinusoid(timesteps, self.config.time_freq_dim).to(dtype))  # [B, D]
         adaln = self.adaln_projection(emb).view(batch, 6, dim)
+        subject_adaln = None
+        if self.config.subject_timestep is not None and layout.num_subject_tokens:
+            clean = torch.full_like(timesteps, self.config.subject_timestep, dtype=torch.float32)
+            subject_emb = self.time_embed(timestep_sinusoid(clean, self.config.time_freq_dim).to(dtype))
+            subject_adaln = self.adaln_projection(subject_emb).view(batch, 6, dim)
         context = self.text_embedding(context.to(dtype))  # [B, Lt, D]
         cos, sin = self.rope.get(layout, h.device, dtype, tuple(token_offset))
 
         adaln_mixin = self.mixins["adaln_layer"]
         for i, layer in enumerate(self.transformer.layers):
-            modulation = adaln + adaln_mixin.adaLN_modulations[i]
+            offsets = adaln_mixin.adaLN_modulations[i]
+            modulation = token_modulation(
+                adaln + offsets,
+                None if subject_adaln is None else subject_adaln + offsets,
+                layout.num_subject_tokens,
+                h.shape[1],
+            )
             norms = adaln_mixin.norms(i)
             if self.checkpoint_activations and torch.is_grad_enabled():
                 h = checkpoint(layer, h, context, modulation, norms, cos, sin, use_reentrant=False)
