@@ -103,6 +103,7 @@ def test_reruns_evaluate_only_new_or_changed_weights_and_keep_pruned_rows(tmp_pa
             ["--each-checkpoint", "--load", "{run}", "--csv", "x.csv", "--limit", "1", "--config", "{tmp}/no.yaml"],
             "no.yaml: no such file",
         ),
+        (["--limit", "1", "--config", "configs/sampling/shapes.yaml", "seed=3"], "write key=value overrides before"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, args, message):

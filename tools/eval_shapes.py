@@ -489,6 +489,11 @@ def main(argv=None) -> int:
         parser.exit(2, f"error: --placed: {data}/meta has no 'background' (write it with make_shapes_dataset.py)\n")
     if degradation:
         clips = [dataclasses.replace(c, frames=degrade(c.frames, **degradation, seed=n)) for n, c in enumerate(clips)]
+    missing = [] if args.ground_truth else [name for name in args.config if not Path(name).is_file()]
+    if missing:
+        # --config takes every word after it: an override written after it reads as a file name
+        hint = " (write key=value overrides before --config)" if "=" in missing[0] else ""
+        parser.exit(2, f"error: --config: {missing[0]}: no such file{hint}\n")
     if args.ground_truth or args.reconstruct:
         scored = score_clips(reconstruct(clips, args.config, list(args.overrides)) if args.reconstruct else clips)
         figures = subject_figures(scored, len(clips))
@@ -499,9 +504,6 @@ def main(argv=None) -> int:
         except ValueError:
             parser.exit(2, f"error: --frames: expected START:STOP (either may be empty), got '{args.frames}'\n")
         if args.each_checkpoint:
-            missing = [name for name in args.config if not Path(name).is_file()]
-            if missing:
-                parser.exit(2, f"error: --config: {missing[0]}: no such file\n")
             settings = {
                 "clips": json.dumps([[clip.id, clip.subjects] for clip in clips], default=str),
                 "data": args.data,
