@@ -10,13 +10,20 @@ shape or colour named, as in ``tools/eval_shapes.py``):
 
 - ``true``: each subject re-rendered by the world's ``reference_image`` at a size and rotation drawn
   from a seed of its own (clip, slot);
-- ``shape``: the same size, rotation and colour, another shape (drawn from the same seed);
+- ``shape``: the same size, rotation and colour, another shape with the same pattern (striped shapes
+  swap with each other, plain with plain: stripes are a texture, read like a colour, and would
+  otherwise count as shape);
 - ``colour``: the same size, rotation and shape, another colour;
-- ``blank``: white images.
+- ``blank``: white images;
+- ``named`` / ``named_shape``: white images and a caption that names each subject's colour and
+  shape ("the red star moves left", as half of the training captions do) / the same colour and the
+  ``shape`` variant's shape: whether the DiT draws a shape it is told in words.
 
 A model that takes a subject's shape from its reference predicts the subject worse when the
 reference shows another shape: ``shape gap = error(shape) / error(true) - 1`` > 0; the colour gap
-says the same of colours. Being paired (same clips, noise and caption), the gaps separate training
+says the same of colours, the blank gap of references as a whole, and ``text shape gap =
+error(named_shape) / error(named) - 1`` of shapes named in the caption. Each gap comes with its
+standard error over the paired measurements. Being paired (same clips, noise and caption), the gaps separate training
 variants after runs far too short for sampled identity (``eval_shapes.py``) to move: a sampled
 identity over 50 subjects moves in steps of 0.02 and has a noise of about ±0.06.
 Prints one row per σ and, with ``--json``, writes them.
@@ -34,46 +41,69 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.shapes_world import COLOURS, SHAPES, ordinal_caption, reference_image  # noqa: E402
+from tools.shapes_world import (  # noqa: E402
+    COLOURS,
+    PATTERNED,
+    SHAPES,
+    ordinal_caption,
+    reference_image,
+    subject_phrase,
+)
 
 log = logging.getLogger("reference_gap")
-VARIANTS = ("true", "shape", "colour", "blank")
+VARIANTS = ("true", "shape", "colour", "blank", "named", "named_shape")
+GAPS = {"shape_gap": ("shape", "true"), "colour_gap": ("colour", "true"), "blank_gap": ("blank", "true")}
+GAPS["text_shape_gap"] = ("named_shape", "named")
 
 
-def altered_references(subjects: list[dict], clip_index: int) -> dict[str, list]:
-    """The four reference sets of one clip (PIL images), each subject at the size and rotation drawn
-    from the seed of (clip, slot), so that the sets differ only in what they are meant to."""
+def altered_inputs(subjects: list[dict], clip_index: int) -> dict[str, tuple[str, list]]:
+    """The variants' ``(caption, references)`` of one clip (PIL images), each subject at the size and
+    rotation drawn from the seed of (clip, slot), so that the variants differ only in what they are
+    meant to."""
     from PIL import Image
 
-    sets: dict[str, list] = {name: [] for name in VARIANTS}
+    refs: dict[str, list] = {name: [] for name in ("true", "shape", "colour", "blank")}
+    other_shapes = []
     for slot, subject in enumerate(subjects):
         seed = 1000 * clip_index + slot
         choice = np.random.default_rng(seed + 7_000_000)
-        other_shape = str(choice.choice([s for s in SHAPES if s != subject["shape"]]))
+        same_pattern = [s for s in SHAPES if (s in PATTERNED) == (subject["shape"] in PATTERNED)]
+        other_shapes.append(str(choice.choice([s for s in same_pattern if s != subject["shape"]])))
         other_colour = str(choice.choice([c for c in COLOURS if c != subject["colour"]]))
-        sets["true"].append(reference_image(subject["shape"], subject["colour"], np.random.default_rng(seed)))
-        sets["shape"].append(reference_image(other_shape, subject["colour"], np.random.default_rng(seed)))
-        sets["colour"].append(reference_image(subject["shape"], other_colour, np.random.default_rng(seed)))
-        sets["blank"].append(Image.new("RGB", sets["true"][-1].size, (255, 255, 255)))
-    return sets
+        refs["true"].append(reference_image(subject["shape"], subject["colour"], np.random.default_rng(seed)))
+        refs["shape"].append(reference_image(other_shapes[-1], subject["colour"], np.random.default_rng(seed)))
+        refs["colour"].append(reference_image(subject["shape"], other_colour, np.random.default_rng(seed)))
+        refs["blank"].append(Image.new("RGB", refs["true"][-1].size, (255, 255, 255)))
+    ordinal = ordinal_caption([s["motion"] for s in subjects])
+    return {
+        **{name: (ordinal, images) for name, images in refs.items()},
+        "named": (named_caption(subjects, [s["shape"] for s in subjects]), refs["blank"]),
+        "named_shape": (named_caption(subjects, other_shapes), refs["blank"]),
+    }
+
+
+def named_caption(subjects: list[dict], shapes: list[str]) -> str:
+    """'the red star moves left while ...' with ``shapes`` in place of the subjects' own."""
+    phrases = [
+        subject_phrase(f"the {s['colour']} {shape}", s["motion"]) for s, shape in zip(subjects, shapes, strict=True)
+    ]
+    return " while ".join(phrases)
 
 
 def gap_rows(errors: dict[float, dict[str, list[float]]]) -> list[dict]:
-    """Per σ: the mean error of each variant (summed over clips and seeds, then divided) and the
-    gaps relative to ``true``."""
+    """Per σ: the mean error of each variant and each gap ``mean(a) / mean(b) - 1`` with its standard
+    error over the paired measurements (``std(a_i - b_i) / sqrt(n) / mean(b)``)."""
     rows = []
     for sigma, by_variant in errors.items():
-        means = {name: float(np.mean(values)) for name, values in by_variant.items()}
-        rows.append(
-            {
-                "sigma": sigma,
-                **{f"error_{name}": means[name] for name in VARIANTS},
-                "shape_gap": means["shape"] / means["true"] - 1,
-                "colour_gap": means["colour"] / means["true"] - 1,
-                "blank_gap": means["blank"] / means["true"] - 1,
-                "n": len(by_variant["true"]),
-            }
-        )
+        values = {name: np.asarray(v, dtype=np.float64) for name, v in by_variant.items()}
+        row = {"sigma": sigma, **{f"error_{name}": float(v.mean()) for name, v in values.items()}}
+        for gap, (a, b) in GAPS.items():
+            n = len(values[b])
+            row[gap] = float(values[a].mean() / values[b].mean() - 1)
+            spread = np.std(values[a] - values[b], ddof=1) if n > 1 else float("nan")
+            row[f"{gap}_se"] = float(spread / np.sqrt(n) / values[b].mean())
+        row["n"] = len(values["true"])
+        rows.append(row)
     return rows
 
 
@@ -116,17 +146,19 @@ def measure(args: argparse.Namespace, overrides: list[str]) -> list[dict]:
                 log.warning("%s: no subject cells in the latent mask; skipped", sample_id)
                 continue
             subjects = meta["subjects"][: config.max_references]
-            context = pipeline.conditioner([ordinal_caption([s["motion"] for s in subjects])])[0]["crossattn"]
-            latents = {
-                name: pipeline.reference_latents(images, height, width)
-                for name, images in altered_references(subjects, index).items()
+            inputs = {
+                name: (
+                    pipeline.conditioner([caption])[0]["crossattn"],
+                    pipeline.reference_latents(images, height, width),
+                )
+                for name, (caption, images) in altered_inputs(subjects, index).items()
             }
             for seed in range(args.seeds):
                 noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(10_000 * index + seed))
                 for sigma in sigmas:
                     x_sigma = x0 * (1 - sigma) + noise * sigma
                     timesteps = torch.full((1,), sigma * TIMESTEP_SCALE)
-                    for name, refs in latents.items():
+                    for name, (context, refs) in inputs.items():
                         velocity = pipeline.dit(x_sigma, timesteps, context, refs).float()
                         error = ((velocity - (noise - x0)).pow(2) * mask).sum() / (mask.sum() * x0.shape[2])
                         errors[sigma][name].append(float(error))
@@ -153,12 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{'sigma':>6} {'error true':>11} {'shape gap':>10} {'colour gap':>11} {'blank gap':>10} {'n':>5}")
+    print(f"{'sigma':>6} {'error true':>11}" + "".join(f"{gap.replace('_', ' '):>22}" for gap in GAPS) + f"{'n':>6}")
     for row in rows:
-        print(
-            f"{row['sigma']:>6.2f} {row['error_true']:>11.4f} {row['shape_gap']:>+10.4f} "
-            f"{row['colour_gap']:>+11.4f} {row['blank_gap']:>+10.4f} {row['n']:>5}"
-        )
+        gaps = "".join(f"{row[gap]:>+13.4f} ± {row[gap + '_se']:.4f}" for gap in GAPS)
+        print(f"{row['sigma']:>6.2f} {row['error_true']:>11.4f}{gaps}{row['n']:>6}")
     if args.json:
         tmp = Path(args.json).with_suffix(".tmp")
         tmp.write_text(json.dumps(rows, indent=1))
