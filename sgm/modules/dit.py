@@ -146,7 +146,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 def token_modulation(
     video: torch.Tensor, subjects: torch.Tensor | None, num_subject_tokens: int, num_tokens: int
 ) -> torch.Tensor:
-    """Modulation vectors ``[B, K, D]`` -> per-token ``[B, K, L, D]`` for a layer's ``chunk``.
+    """Modulation vectors ``[B, K, D]`` -> per-token ``[B, K, L, D]`` for a layer to ``unbind``.
 
     Without ``subjects`` every token shares ``video`` (a broadcast view ``[B, K, 1, D]``, no copy);
     with them the first ``num_subject_tokens`` tokens take ``subjects`` and the rest ``video``.
