@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         data_epoch,
         data_chunk,
         frames_multiple=frame_multiple(components.geometry.temporal_stride),
+        targets=config.alignment.layer > 0,
     )
     batches_per_epoch = len(dataset.chunks(0))
     loader = iter(
@@ -127,7 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         handle = open(csv_file, "a", newline="")  # noqa: SIM115 (closed at the end)
         writer = csv.writer(handle)
         if new:
-            writer.writerow(["iteration", "loss", "lr", "grad_norm", "samples_per_s", "skipped"])
+            # with alignment, "loss" stays the diffusion loss (comparable across runs); the auxiliary one has a column
+            writer.writerow(
+                ["iteration", "loss", "lr", "grad_norm", "samples_per_s", "skipped"]
+                + (["alignment_loss"] if config.alignment.layer > 0 else [])
+            )
     bad_samples: set[str] = set()  # distinct bad samples seen by this rank
     start_time = time.perf_counter()
     bar = tqdm(
@@ -143,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                 "the launcher (pid %d) is gone: stopping at iteration %d without writing more", launcher, iteration
             )
             return 3
-        losses, samples = [], 0
+        losses, aligns, samples = [], [], 0
         step_start = time.perf_counter()
         for micro in range(config.gradient_accumulation):
             try:
@@ -154,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             bad_samples.update(sample_id for sample_id, _ in bad)
             data_epoch, data_chunk = batch["epoch"], batch["chunk"]
             step = iteration * config.gradient_accumulation + micro
+            parts = {}
             loss = training_loss(
                 engine,
                 run.vae,
@@ -166,17 +172,25 @@ def main(argv: list[str] | None = None) -> int:
                 sp_split=config.sp_split,
                 subject_weight=config.subject_loss_weight,
                 shift=config.training_shift,
+                alignment_weight=config.alignment.weight if config.alignment.layer > 0 else 0.0,
+                parts=parts,
             )
             engine.backward(loss)
             engine.step()
-            losses.append(loss.detach())
+            losses.append(parts["diffusion"])
+            if "alignment" in parts:
+                aligns.append(parts["alignment"])
             samples += batch["size"]
         if run.ema is not None:
             run.ema.update()
         mean_loss = torch.stack(losses).mean()
+        mean_align = torch.stack(aligns).mean() if aligns else None
         if parallel.world_size > 1:
             dist.all_reduce(mean_loss)
             mean_loss /= parallel.world_size
+            if mean_align is not None:
+                dist.all_reduce(mean_align)
+                mean_align /= parallel.world_size
         grad_norm = engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         lr = scheduler.get_last_lr()[0]
@@ -191,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{rate:.3f}",
                     len(bad_samples),
                 ]
+                + ([f"{mean_align.item():.6f}"] if mean_align is not None else [])
             )
             handle.flush()
             bar.set_postfix(

@@ -25,7 +25,7 @@ ENGINE_PREFIX = "model.diffusion_model."
 # The architecture card beside weights the project writes (SAT folders, exports, the demo model).
 MODEL_CARD_FILE = "kaleido_model.json"
 MODEL_CARD_FORMAT = "kaleido-dit/1"
-IGNORED_PREFIXES = ("conditioner.",)
+IGNORED_PREFIXES = ("conditioner.", "alignment_head.")  # training-only parts of an engine state dict
 
 
 class StateDictMismatchError(ValueError):
@@ -79,7 +79,8 @@ def extract_dit_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, 
     """The DiT's own keys from a bare DiT state dict or a full engine state dict.
 
     With any ``model.diffusion_model.`` key present, that prefix is stripped and ``conditioner.*``
-    keys are dropped; every other key is kept so that a strict load reports it as unexpected.
+    and ``alignment_head.*`` (a training-only head) keys are dropped; every other key is kept so
+    that a strict load reports it as unexpected.
     """
     if not any(k.startswith(ENGINE_PREFIX) for k in state_dict):
         return dict(state_dict)

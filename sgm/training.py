@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from sat.training import (
 )
 from sgm.checkpoint import LATEST_FILE, SAT_MODEL_FILE, write_atomic, write_model_card, write_sat_checkpoint
 from sgm.data.video import DataConfig, VideoDataset
+from sgm.diffusion.alignment import OFFSET, TARGETS_FOLDER, AlignmentHead, alignment_loss, class_names
 from sgm.lora import (
     LORA_FILE,
     LORA_INFO_FILE,
@@ -64,6 +66,16 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class AlignmentConfig:
+    """The ``alignment:`` section: an auxiliary loss on the hidden states after ``layer`` DiT layers,
+    through a training-only head, against per-token targets from ``<data.root>/targets/``
+    (``sgm.diffusion.alignment``; REPA-style, not in the release). ``layer: 0`` is off (the release)."""
+
+    layer: int = 0
+    weight: float = 0.5  # REPA's lambda
+
+
+@dataclass
 class TrainingConfig(ComponentsConfig):
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraTrainConfig = field(default_factory=LoraTrainConfig)  # rank > 0: train adapters on a frozen base
@@ -77,6 +89,7 @@ class TrainingConfig(ComponentsConfig):
     subject_loss_weight: float = 1.0  # > 1: the loss leans toward the subjects' latent cells (1: the release's)
     training_shift: float | None = None  # shift of the logit-normal noise levels; unset: the release's resolution shift
     ema_decay: float | None = None  # keep an exponential moving average of the DiT's weights (e.g. 0.999); unset: none
+    alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
     save: str = "checkpoints/kaleido"
     save_interval: int = 100
     keep_last: int = 3
@@ -103,6 +116,7 @@ def validate_training(config: TrainingConfig, components: Components) -> None:
             "ema_decay: the weight average is kept for full training with zero_stage 1 or 2 "
             "(every rank then holds the whole DiT), not for LoRA or ZeRO-3"
         )
+    check_alignment(config, components)
     check_device(config.device)
     components.geometry.check_size(config.data.height, config.data.width, "data.height, data.width")
     if config.lora.rank > 0 and config.zero_stage == 3:
@@ -123,6 +137,40 @@ def validate_training(config: TrainingConfig, components: Components) -> None:
         world=int(os.environ.get("WORLD_SIZE", "1")),
     )
     VideoDataset(config.data, frames_multiple=frame_multiple(components.geometry.temporal_stride))
+
+
+def check_alignment(config: TrainingConfig, components: Components) -> None:
+    """The ``alignment`` section against the DiT and the run: a layer the DiT has, a positive weight,
+    one process per replica holding the whole DiT (no sequence parallelism, no ZeRO-3, no LoRA: the
+    head's weights must be trained and saved with the DiT's), and targets beside the data."""
+    layer, layers = config.alignment.layer, components.arch.num_layers
+    if not 0 <= layer <= layers:
+        raise ValueError(f"alignment.layer: expected 0 (off) to {layers} (the DiT's layers), got {layer}")
+    if layer == 0:
+        return
+    if not config.alignment.weight > 0:
+        raise ValueError(f"alignment.weight: expected a number > 0, got {config.alignment.weight}")
+    if config.sequence_parallel_size > 1 or config.zero_stage == 3 or config.lora.rank > 0:
+        raise ValueError(
+            "alignment.layer: the alignment loss trains a full DiT without sequence parallelism or ZeRO-3 "
+            "(sequence_parallel_size 1, zero_stage 1 or 2, lora.rank 0)"
+        )
+    folder = Path(config.data.root) / TARGETS_FOLDER
+    if not any(folder.glob("*.safetensors")):
+        raise ValueError(
+            f"alignment.layer: {folder} holds no target files (tools/make_token_targets.py --data {config.data.root})"
+        )
+
+
+def alignment_head_for(config: TrainingConfig, components: Components) -> AlignmentHead | None:
+    """The training-only head of an alignment run, sized by the first target file; else None."""
+    if config.alignment.layer == 0:
+        return None
+    first = min((Path(config.data.root) / TARGETS_FOLDER).glob("*.safetensors"))
+    with safetensors.safe_open(str(first), framework="pt") as handle:
+        targets = {k: handle.get_slice(k) for k in handle.keys()}
+        outputs = sum(targets[k].get_shape()[1] for k in class_names(targets)) + (2 if OFFSET in targets else 0)
+    return AlignmentHead(components.arch.hidden_size, outputs)
 
 
 def init_distributed(config: TrainingConfig) -> tuple[torch.device, ParallelState]:
@@ -230,8 +278,12 @@ def build_training(
     vae = build_vae(dataclasses.replace(config.vae, path=components.vae_path), device)
     text_config = dataclasses.replace(config.text_encoder, path=components.text_encoder_path)
     conditioner = TextConditioner(build_text_encoder(text_config, device), config.ucg_rate, config.seed)
+    head = alignment_head_for(config, components)
+    if head is not None:
+        head.to(device=device, dtype=components.dtype)
     optimizer = torch.optim.AdamW(
-        parameter_groups(dit, config.optimizer.weight_decay),
+        parameter_groups(dit, config.optimizer.weight_decay)
+        + ([] if head is None else [{"params": list(head.parameters()), "weight_decay": 0.0}]),
         lr=config.optimizer.lr,
         betas=tuple(config.optimizer.betas),
         eps=config.optimizer.eps,
@@ -247,8 +299,9 @@ def build_training(
         config.optimizer.gradient_clipping,
         bf16=components.dtype == torch.bfloat16,
     )
+    model = DiffusionEngine(dit, head, config.alignment.layer)
     engine, _, _, _ = deepspeed.initialize(
-        model=DiffusionEngine(dit),
+        model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
         config=ds_config,
@@ -400,15 +453,36 @@ def lock_save_dir(save_dir: Path):
 
 
 class DiffusionEngine(nn.Module):
-    """Holds the DiT at ``model.diffusion_model`` so saved keys read ``model.diffusion_model.*`` (SAT)."""
+    """Holds the DiT at ``model.diffusion_model`` so saved keys read ``model.diffusion_model.*`` (SAT),
+    and an alignment run's training-only head at ``alignment_head`` (dropped by every DiT loader)."""
 
-    def __init__(self, dit: nn.Module):
+    def __init__(self, dit: nn.Module, alignment_head: nn.Module | None = None, alignment_layer: int = 0):
         super().__init__()
         self.model = nn.Module()
         self.model.diffusion_model = dit
+        if alignment_head is not None:
+            self.alignment_head = alignment_head
+        self.alignment_layer = alignment_layer
 
-    def forward(self, x, timesteps, context, subjects, token_offset=(0, 0)):
-        return self.model.diffusion_model(x, timesteps, context, subjects, token_offset=token_offset)
+    def forward(self, x, timesteps, context, subjects, token_offset=(0, 0), alignment_targets=None):
+        """The DiT's velocity; with ``alignment_targets`` (batch targets, ``sgm.diffusion.alignment``)
+        ``(velocity, alignment loss)`` of the hidden states after ``alignment_layer`` layers."""
+        dit = self.model.diffusion_model
+        if alignment_targets is None:
+            return dit(x, timesteps, context, subjects, token_offset=token_offset)
+        captured = []
+        layer = dit.transformer.layers[self.alignment_layer - 1]
+        hook = layer.register_forward_hook(lambda module, args, output: captured.append(output))
+        try:
+            velocity = dit(x, timesteps, context, subjects, token_offset=token_offset)
+        finally:
+            hook.remove()
+        patch = tuple(dit.config.patch_size)
+        video_tokens = math.prod(n // p for n, p in zip((x.shape[1], *x.shape[3:]), patch, strict=True))
+        hidden = captured[-1]  # [B, L_subjects + L_video, D]: the subject tokens come first
+        video = self.alignment_head(hidden[:, -video_tokens:])
+        references = self.alignment_head(hidden[:, :-video_tokens]) if hidden.shape[1] > video_tokens else None
+        return velocity, alignment_loss(video, alignment_targets, patch, references)
 
 
 def training_card(config: TrainingConfig, components: Components, save_dir: Path) -> dict:

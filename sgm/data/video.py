@@ -118,6 +118,7 @@ class VideoDataset(IterableDataset):
         start_chunk: int = 0,
         *,
         frames_multiple: int,
+        targets: bool = False,
     ):
         super().__init__()
         root = Path(config.root)
@@ -132,6 +133,7 @@ class VideoDataset(IterableDataset):
                 f"got {config.num_frames}"
             )
         self.frames_multiple = frames_multiple
+        self.targets = targets  # also read <root>/targets/<id>.safetensors (sgm.diffusion.alignment)
         self.warned: set[str] = set()  # bad samples already reported (per loader worker)
         self.config = config
         self.root = root
@@ -142,7 +144,29 @@ class VideoDataset(IterableDataset):
         self.start_chunk = start_chunk
 
     def load(self, sample_id: str) -> dict:
-        """One sample, or ``BadSampleError`` naming it and the reason."""
+        """One sample (with its ``alignment_targets`` when the dataset reads targets), or
+        ``BadSampleError`` naming it and the reason."""
+        sample = self.load_sample(sample_id)
+        if self.targets:
+            sample["alignment_targets"] = self.load_targets(sample_id)
+        return sample
+
+    def load_targets(self, sample_id: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        from sgm.diffusion.alignment import TARGETS_FOLDER, check_targets
+
+        path = self.root / TARGETS_FOLDER / f"{sample_id}.safetensors"
+        if not path.is_file():
+            raise BadSampleError(f"{sample_id}: no alignment targets {path}")
+        targets = load_file(str(path))
+        try:
+            check_targets(targets, str(path))
+        except ValueError as exc:
+            raise BadSampleError(f"{sample_id}: {exc}") from None
+        return targets
+
+    def load_sample(self, sample_id: str) -> dict:
         label = self.root / "labels" / f"{sample_id}.txt"
         if not label.is_file():
             raise BadSampleError(f"{sample_id}: missing caption {label}")
@@ -266,6 +290,9 @@ def collate(samples: list[dict]) -> dict:
     )
     if all("subject_mask" in s for s in good):
         batch["subject_mask"] = torch.stack([s["subject_mask"] for s in good])
+    if all("alignment_targets" in s for s in good):
+        keys = good[0]["alignment_targets"]
+        batch["alignment_targets"] = {k: torch.stack([s["alignment_targets"][k] for s in good]) for k in keys}
     return batch
 
 

@@ -41,6 +41,8 @@ def training_loss(
     sp_split: str = "auto",
     subject_weight: float = 1.0,
     shift: float | None = None,
+    alignment_weight: float = 0.0,
+    parts: dict | None = None,
 ) -> torch.Tensor:
     """The rectified-flow loss of one micro-batch (``mp4 [B, F, 3, H, W]``, ``subject_images
     [B, N, 3, H, W]``, ``txt``; or precomputed ``latents [B, T, C, h, w]`` and ``subject_latents
@@ -50,7 +52,12 @@ def training_loss(
     ``subject_weight`` ≠ 1 weights the squared error of the latent cells that encode a subject
     (``subject_mask [B, T, h, w]`` of precomputed latents, or found in ``mp4``) by that factor
     against 1 elsewhere, each item's weights averaging 1; 1 is the release's unweighted loss. ``shift``
-    replaces the resolution shift of the noise levels (None: the release's)."""
+    replaces the resolution shift of the noise levels (None: the release's).
+
+    ``alignment_weight`` > 0 adds that times the alignment loss of the batch's ``alignment_targets``
+    (``sgm.diffusion.alignment``; ``network`` then returns ``(velocity, alignment loss)`` when given
+    ``alignment_targets``). ``parts``, when given, receives the ``diffusion`` and ``alignment`` losses
+    (detached) of the returned sum."""
     device = vae.multiplier.device
     with torch.no_grad():
         if "latents" in batch:
@@ -72,9 +79,27 @@ def training_loss(
     if weights is not None:  # normalised over the whole item above, so the shards' mean is the item's
         weights = shard(weights, dim, parallel, patch=patch)
     offset = token_offset(tuple(x0.shape), dim, parallel, patch=patch)
-    return rf_loss(
-        lambda x, t, c, s: network(x, t, c, s, token_offset=offset), x0, noise, sigmas, context, subjects, weights
-    )
+    if alignment_weight <= 0:
+        loss = rf_loss(
+            lambda x, t, c, s: network(x, t, c, s, token_offset=offset), x0, noise, sigmas, context, subjects, weights
+        )
+        if parts is not None:
+            parts["diffusion"] = loss.detach()
+        return loss
+    if parallel.sp_size > 1:
+        raise ValueError("alignment: the alignment loss runs without sequence parallelism")
+    targets = {k: v.to(device) for k, v in batch["alignment_targets"].items()}
+    alignment = []
+
+    def network_velocity(x, t, c, s):
+        velocity, aux = network(x, t, c, s, token_offset=offset, alignment_targets=targets)
+        alignment.append(aux)
+        return velocity
+
+    diffusion = rf_loss(network_velocity, x0, noise, sigmas, context, subjects, weights)
+    if parts is not None:
+        parts.update(diffusion=diffusion.detach(), alignment=alignment[0].detach())
+    return diffusion + alignment_weight * alignment[0]
 
 
 def batch_subject_mask(batch: dict, geometry: VideoGeometry) -> torch.Tensor:
