@@ -416,6 +416,10 @@ def test_training_values_are_checked_before_anything_starts(dataset, capsys, mon
             ("training_shift=0", "training_shift: expected a number > 0"),
             ("ema_decay=1", "ema_decay: expected a number between 0 and 1"),
             ("ema_decay=0.99 zero_stage=3", "ema_decay: the weight average is kept for full training"),
+            ("alignment.layer=5", "alignment.layer: expected 0 (off) to 4"),
+            ("alignment.layer=2 alignment.weight=0", "alignment.weight: expected a number > 0"),
+            ("alignment.layer=2 zero_stage=3", "alignment.layer: the alignment loss trains a full DiT"),
+            ("alignment.layer=2", "holds no target files (tools/make_token_targets.py"),
         )
     ):
         args = [*TRAIN[1:], f"data.root={dataset}", *extra.split()]

@@ -1,5 +1,7 @@
-"""Alignment targets of the demo world: per latent cell, which shape and colour cover it, and where in
-its subject it sits (``sgm/diffusion/alignment.py``; training key ``alignment``).
+"""Alignment targets of the demo world, per latent cell and per reference.
+
+Per latent cell: which shape and colour cover it, and where in its subject it sits
+(``sgm/diffusion/alignment.py``; training key ``alignment``).
 
     python tools/make_token_targets.py --data data/shapes/train
 
@@ -114,7 +116,7 @@ def clip_targets(meta: dict, latent_frames: int, grid: tuple[int, int], referenc
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="a split folder with meta/ and latents/")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
