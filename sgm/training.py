@@ -39,7 +39,7 @@ from sat.training import (
 )
 from sgm.checkpoint import LATEST_FILE, SAT_MODEL_FILE, write_atomic, write_model_card, write_sat_checkpoint
 from sgm.data.video import DataConfig, VideoDataset
-from sgm.diffusion.alignment import OFFSET, TARGETS_FOLDER, AlignmentHead, alignment_loss, class_names
+from sgm.diffusion.alignment import TARGETS_FOLDER, AlignmentHead, alignment_loss, head_outputs
 from sgm.lora import (
     LORA_FILE,
     LORA_INFO_FILE,
@@ -167,10 +167,7 @@ def alignment_head_for(config: TrainingConfig, components: Components) -> Alignm
     if config.alignment.layer == 0:
         return None
     first = min((Path(config.data.root) / TARGETS_FOLDER).glob("*.safetensors"))
-    with safetensors.safe_open(str(first), framework="pt") as handle:
-        targets = {k: handle.get_slice(k) for k in handle.keys()}
-        outputs = sum(targets[k].get_shape()[1] for k in class_names(targets)) + (2 if OFFSET in targets else 0)
-    return AlignmentHead(components.arch.hidden_size, outputs)
+    return AlignmentHead(components.arch.hidden_size, head_outputs(safetensors.torch.load_file(str(first))))
 
 
 def init_distributed(config: TrainingConfig) -> tuple[torch.device, ParallelState]:
