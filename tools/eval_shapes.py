@@ -24,7 +24,11 @@ subject by its catalogue colour in every frame:
 ``--ground-truth`` scores the clips' own videos instead, which validates the detector;
 ``--degrade blur=1.5,noise=16`` blurs and/or noises them first (the detector must read mild
 degradations as it reads clean clips: on 100 generated held-out clips identity 1.000 under a
-1.5-px blur or noise of 16 grey levels, 0.984 under a 2-px blur).
+1.5-px blur or noise of 16 grey levels, 0.984 under a 2-px blur; ``downsample=K`` resizes each frame
+to 1/K and back: where in scale the shapes live).
+``--reconstruct --latent-degrade lowpass=K,noise=S`` low-passes and/or noises the latents between
+encoder and decoder: whether the decoder survives a DiT's small errors and at which latent scale
+the shapes live (a latent ``lowpass=K`` is the pixel grid of ``downsample=`` K times the VAE's stride).
 ``--start-sigma S`` starts every sample from the clip's own video (through the VAE) re-noised to
 the noise level S instead of from pure noise: identity from S = 0.6 but not from 0.95 says the model
 finishes shapes it is given and does not choose them.
@@ -152,8 +156,18 @@ def subject_figures(scored: list[Scored], n_videos: int) -> dict:
     return {**summarise([score for _, score in scored]), "n_videos": n_videos}
 
 
-def parse_degradation(text: str) -> dict[str, float]:
-    """``"blur=1.5,noise=16"`` -> ``{"blur": 1.5, "noise": 16.0}`` (both optional, each >= 0)."""
+# What --degrade (the frames, with --ground-truth) and --latent-degrade (the latents between the
+# VAE's encoder and decoder, with --reconstruct) accept: each key's unit, and the integer factors.
+FRAME_DEGRADATIONS = {"blur": "PIXELS", "noise": "GREY_LEVELS", "downsample": "FACTOR"}
+LATENT_DEGRADATIONS = {"lowpass": "FACTOR", "noise": "STD"}
+FACTOR_KEYS = {"downsample", "lowpass"}
+
+
+def parse_degradation(
+    text: str, flag: str = "--degrade", keys: dict[str, str] = FRAME_DEGRADATIONS
+) -> dict[str, float]:
+    """``"blur=1.5,noise=16"`` -> ``{"blur": 1.5, "noise": 16.0}``: each of ``keys`` optional, at most
+    once, each >= 0; the factors (``downsample``, ``lowpass``) whole numbers >= 1."""
     out = {}
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
@@ -161,24 +175,66 @@ def parse_degradation(text: str) -> dict[str, float]:
             number = float(value)
         except ValueError:
             number = -1.0
-        if key not in ("blur", "noise") or number < 0 or key in out:
-            raise ValueError(f"--degrade: expected blur=PIXELS and/or noise=GREY_LEVELS (each >= 0), got '{item}'")
-        out[key] = number
+        factor_ok = key not in FACTOR_KEYS or (number >= 1 and number == int(number))
+        if key not in keys or number < 0 or not factor_ok or key in out:
+            expected = " and/or ".join(f"{k}={unit}" for k, unit in keys.items())
+            raise ValueError(f"{flag}: expected {expected} (each >= 0, factors whole and >= 1), got '{item}'")
+        out[key] = int(number) if key in FACTOR_KEYS else number
     return out
 
 
-def degrade(frames: np.ndarray, *, blur: float = 0.0, noise: float = 0.0, seed: int = 0) -> np.ndarray:
+def degrade(
+    frames: np.ndarray, *, blur: float = 0.0, noise: float = 0.0, downsample: int = 1, seed: int = 0
+) -> np.ndarray:
     """``[F, H, W, 3]`` uint8 frames under a Gaussian blur of radius ``blur`` pixels, then Gaussian
     noise of standard deviation ``noise`` grey levels: the detector must read mild degradations of
-    ground truth (a VAE's or a DiT's) as it reads the clean clips."""
+    ground truth (a VAE's or a DiT's) as it reads the clean clips. ``downsample`` K resizes each frame
+    to 1/K of its size and back (bilinear): what survives at a coarser resolution, to compare with
+    ``degrade_latents``'s low-pass of the latents."""
     from PIL import Image, ImageFilter
 
     out = frames
+    if downsample > 1:
+        height, width = frames.shape[1:3]
+        small = (width // downsample, height // downsample)
+        out = np.stack(
+            [
+                np.asarray(Image.fromarray(f).resize(small, Image.BILINEAR).resize((width, height), Image.BILINEAR))
+                for f in out
+            ]
+        )
     if blur:
         out = np.stack([np.asarray(Image.fromarray(f).filter(ImageFilter.GaussianBlur(blur))) for f in out])
     if noise:
         rng = np.random.default_rng(seed)
         out = np.clip(out + rng.normal(0.0, noise, out.shape), 0, 255).astype(np.uint8)
+    return out
+
+
+def check_lowpass(lowpass: int, height: int, width: int) -> None:
+    """``lowpass`` must divide the latent grid (``height`` × ``width`` cells)."""
+    if height % lowpass or width % lowpass:
+        raise ValueError(f"--latent-degrade: lowpass={lowpass} does not divide the latent grid {height} x {width}")
+
+
+def degrade_latents(latents, *, lowpass: int = 1, noise: float = 0.0, seed: int = 0):
+    """VAE latents ``[B, T, C, h, w]`` (normalised, as the DiT sees them) averaged over ``lowpass`` ×
+    ``lowpass`` cells and spread back (bilinear), then plus Gaussian noise of standard deviation
+    ``noise``: how robust the decoder is to a DiT's small errors, and at which latent scale the
+    evaluation's shapes live (compare ``degrade(downsample=4·lowpass)``: the same grid in pixels)."""
+    import torch
+    import torch.nn.functional as F
+
+    out = latents
+    if lowpass > 1:
+        batch, frames, channels, height, width = latents.shape
+        check_lowpass(lowpass, height, width)
+        planes = latents.reshape(batch * frames, channels, height, width)  # [B·T, C, h, w]
+        coarse = F.avg_pool2d(planes, lowpass)  # [B·T, C, h/K, w/K]
+        out = F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False).view(latents.shape)
+    if noise:
+        generator = torch.Generator().manual_seed(seed)
+        out = out + noise * torch.randn(out.shape, generator=generator, dtype=out.dtype)
     return out
 
 
@@ -215,8 +271,11 @@ def video_tensor(frames: np.ndarray):
     return torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
 
 
-def reconstruct(clips: list[Clip], config_files: list[str], overrides: list[str]) -> list[Clip]:
-    """The clips with their frames replaced by the config's VAE's reconstructions."""
+def reconstruct(
+    clips: list[Clip], config_files: list[str], overrides: list[str], latent_degradation: dict | None = None
+) -> list[Clip]:
+    """The clips with their frames replaced by the config's VAE's reconstructions (the latents
+    through ``degrade_latents(**latent_degradation)`` on the way, seeded by the clip's index)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -228,9 +287,15 @@ def reconstruct(clips: list[Clip], config_files: list[str], overrides: list[str]
     config = load_config(SamplingConfig, config_files, overrides)
     config.vae.path = resolve_components(config).vae_path
     vae = build_vae(config.vae, torch.device("cpu"))
+    if latent_degradation and clips:  # before any work: one line, no progress bar
+        height, width = clips[0].frames.shape[1:3]
+        check_lowpass(latent_degradation.get("lowpass", 1), height // vae.spatial_stride, width // vae.spatial_stride)
     out = []
-    for clip in tqdm(clips, desc="reconstruct"):
-        frames = video_to_uint8(vae.decode(vae.encode(video_tensor(clip.frames)))[0])
+    for n, clip in enumerate(tqdm(clips, desc="reconstruct")):
+        latents = vae.encode(video_tensor(clip.frames))
+        if latent_degradation:
+            latents = degrade_latents(latents, **latent_degradation, seed=n)
+        frames = video_to_uint8(vae.decode(latents)[0])
         out.append(dataclasses.replace(clip, frames=frames))
     return out
 
@@ -428,7 +493,13 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--degrade",
         default="",
-        help="with --ground-truth: blur and/or noise the clips first (blur=PIXELS,noise=GREY_LEVELS)",
+        help="with --ground-truth: blur, noise and/or downsample the clips first (blur=PIXELS,noise=GREY_LEVELS,"
+        "downsample=FACTOR)",
+    )
+    parser.add_argument(
+        "--latent-degrade",
+        default="",
+        help="with --reconstruct: low-pass and/or noise the latents before decoding (lowpass=FACTOR,noise=STD)",
     )
     parser.add_argument("--json", help="write the figures to this file")
     parser.add_argument(
@@ -464,10 +535,13 @@ def main(argv=None) -> int:
         parser.exit(2, f"error: {data}: no meta/ folder (make it with tools/make_shapes_dataset.py)\n")
     try:
         degradation = parse_degradation(args.degrade)
+        latent_degradation = parse_degradation(args.latent_degrade, "--latent-degrade", LATENT_DEGRADATIONS)
     except ValueError as error:
         parser.exit(2, f"error: {error}\n")
     if degradation and not args.ground_truth:
         parser.exit(2, "error: --degrade applies to --ground-truth only\n")
+    if latent_degradation and not args.reconstruct:
+        parser.exit(2, "error: --latent-degrade applies to --reconstruct only\n")
     if not 0.0 <= args.start_sigma <= 1.0:
         parser.exit(2, f"error: --start-sigma: expected a noise level in [0, 1], got {args.start_sigma}\n")
     if args.start_sigma < 1.0 and (args.ground_truth or args.reconstruct):
@@ -495,7 +569,13 @@ def main(argv=None) -> int:
         hint = " (write key=value overrides before --config)" if "=" in missing[0] else ""
         parser.exit(2, f"error: --config: {missing[0]}: no such file{hint}\n")
     if args.ground_truth or args.reconstruct:
-        scored = score_clips(reconstruct(clips, args.config, list(args.overrides)) if args.reconstruct else clips)
+        rebuilt = clips
+        if args.reconstruct:
+            try:
+                rebuilt = reconstruct(clips, args.config, list(args.overrides), latent_degradation)
+            except ValueError as error:
+                parser.exit(2, f"error: {error}\n")
+        scored = score_clips(rebuilt)
         figures = subject_figures(scored, len(clips))
     else:
         overrides = [*args.overrides, f"load={args.load}"] if args.load else list(args.overrides)
