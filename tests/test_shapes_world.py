@@ -17,6 +17,7 @@ from tools.eval_shapes import (
     score_subject,
     table,
 )
+from tools.make_shapes_dataset import main as make_dataset_main
 from tools.make_shapes_dataset import make_clip, write_clip
 from tools.shapes_world import (
     BACKGROUND_NAMES,
@@ -40,6 +41,34 @@ def test_clips_are_deterministic_for_a_seed():
     assert [np.asarray(r).tobytes() for r in a["references"]] == [np.asarray(r).tobytes() for r in b["references"]]
     assert not np.array_equal(a["frames"], c["frames"])
     assert a["frames"].shape == (9, 96, 96, 3)
+
+
+def test_aligned_world_puts_each_reference_into_the_clip_by_whole_tokens():
+    """``make_shapes_dataset.py --aligned 16``: still subjects of the sprite size centred on the 16-px
+    lattice; each reference is the same sprite in the middle of a white frame, so the clip's pixels
+    under the sprite are the reference's, shifted by whole 16-px tokens. Held-out clips keep a pair
+    training never shows, and the detector reads the clips."""
+    from tools.shapes_world import silhouette
+
+    clips = [make_clip(0, index, aligned=16) for index in range(9, 60, 10)] + [make_clip(0, 3, aligned=16)]
+    for clip in clips:
+        for subject, reference in zip(clip["subjects"], clip["references"], strict=True):
+            x, y, size = subject["track"][0]
+            assert subject["motion"] == "still" and size == SPRITE and x % 16 == 0 and y % 16 == 0
+            assert all(point == subject["track"][0] for point in subject["track"])
+            inside = np.asarray(silhouette(subject["shape"], SPRITE)) == 255
+            left, top = int(x) - SPRITE // 2, int(y) - SPRITE // 2
+            in_clip = clip["frames"][0][top : top + SPRITE, left : left + SPRITE][inside]
+            centre = (FRAME - SPRITE) // 2
+            in_reference = np.asarray(reference)[centre : centre + SPRITE, centre : centre + SPRITE][inside]
+            assert reference.size == (FRAME, FRAME) and np.array_equal(in_clip, in_reference)
+        assert clip["split"] == "heldout" or clip["id"] == "train_00003"
+    assert all(is_held_out(c["subjects"][0]["shape"], c["subjects"][0]["colour"]) for c in clips[:-1])
+    figures = ground_truth([Clip(c["id"], c["subjects"], c["references"], c["frames"]) for c in clips])
+    assert figures["identity"] == 1.0, figures
+    with pytest.raises(SystemExit) as exit_info:
+        make_dataset_main(["--out", "unused", "--aligned", "0"])
+    assert exit_info.value.code == 2
 
 
 def test_placed_captions_say_where_each_subject_is_drawn_and_on_what():

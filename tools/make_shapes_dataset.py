@@ -7,6 +7,12 @@ Writes ``<out>/train/`` and ``<out>/heldout/``, each with ``labels/``, ``videos/
 evaluation. Every 10th clip is held out; held-out clips contain at least one colour-shape pair
 that training never shows (``shapes_world.is_held_out``). Subjects of a clip have distinct
 colours and tracks that never overlap. Seeded: the same seed gives the same clips.
+
+``--aligned PIXELS`` writes a diagnostic world instead (not the demo's): every subject stands
+still at the sprite size, centred on a PIXELS lattice (16: the next demo DiT's token, VAE stride 4
+times patch 4), and its reference is the subject upright at that size in the middle of a white
+frame-sized canvas, so that copying a reference into the clip is a shift by whole tokens, with no
+rescaling, rotation or sub-token offset (model card, "An aligned world").
 """
 
 from __future__ import annotations
@@ -31,7 +37,9 @@ from tools.shapes_world import (  # noqa: E402
     SHAPES,
     SPRITE,
     Subject,
+    aligned_reference_image,
     caption,
+    grid_start,
     is_held_out,
     plan_motion,
     reference_image,
@@ -67,9 +75,10 @@ def choose_pairs(rng: np.random.Generator, held_out: bool, count: int) -> list[t
     return pairs
 
 
-def make_clip(seed: int, index: int, placed: bool = False) -> dict:
+def make_clip(seed: int, index: int, placed: bool = False, aligned: int | None = None) -> dict:
     """One clip's frames, references, caption and metadata (pure function of ``seed`` and ``index``;
-    ``placed`` changes only the caption, which then also says where each subject starts and the background)."""
+    ``placed`` changes only the caption, which then also says where each subject starts and the background;
+    ``aligned`` (pixels) makes the aligned world's clip: still subjects on that lattice, upright references)."""
     rng = np.random.default_rng([seed, index])
     held_out = index % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
     count = int(rng.integers(1, 4))
@@ -77,8 +86,11 @@ def make_clip(seed: int, index: int, placed: bool = False) -> dict:
         pairs = choose_pairs(rng, held_out, count)
         subjects = []
         for shape, colour in pairs:
-            motion = str(rng.choice(MOTIONS))
-            subject = Subject(shape, colour, motion, start_for(motion, rng), SPRITE + int(rng.integers(-2, 5)))
+            if aligned:
+                subject = Subject(shape, colour, "still", grid_start(rng, aligned), SPRITE)
+            else:
+                motion = str(rng.choice(MOTIONS))
+                subject = Subject(shape, colour, motion, start_for(motion, rng), SPRITE + int(rng.integers(-2, 5)))
             plan_motion(subject, FRAMES)
             subjects.append(subject)
         if tracks_apart(subjects):
@@ -92,7 +104,10 @@ def make_clip(seed: int, index: int, placed: bool = False) -> dict:
         "id": f"{'heldout' if held_out else 'train'}_{index:05d}",
         "split": "heldout" if held_out else "train",
         "frames": render(subjects, BACKGROUNDS[background]),
-        "references": [reference_image(s.shape, s.colour, rng) for s in subjects],
+        "references": [
+            aligned_reference_image(s.shape, s.colour) if aligned else reference_image(s.shape, s.colour, rng)
+            for s in subjects
+        ],
         "caption": caption(subjects, rng, BACKGROUND_NAMES[background] if placed else None),
         "background": BACKGROUND_NAMES[background],
         "subjects": [
@@ -131,11 +146,20 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--placed", action="store_true", help="captions also say where each subject starts and the background"
     )
+    parser.add_argument(
+        "--aligned",
+        type=int,
+        metavar="PIXELS",
+        help="the diagnostic aligned world: still subjects centred on this lattice (a DiT token: 16), upright "
+        "references at the clip's size",
+    )
     args = parser.parse_args(argv)
+    if args.aligned is not None and not 0 < args.aligned <= SPRITE:
+        parser.exit(2, f"error: --aligned: expected a lattice of 1 to {SPRITE} pixels, got {args.aligned}\n")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     root = Path(args.out)
     for index in tqdm(range(args.count), desc="clips"):
-        write_clip(root, make_clip(args.seed, index, args.placed))
+        write_clip(root, make_clip(args.seed, index, args.placed, args.aligned))
     held = len(range(HELD_OUT_EVERY - 1, args.count, HELD_OUT_EVERY))
     log.info("wrote %d clips (%d train, %d held out) under %s", args.count, args.count - held, held, root)
     return 0

@@ -182,6 +182,23 @@ def reference_image(shape: str, colour: str, rng: np.random.Generator) -> Image.
     return canvas.convert("RGB")
 
 
+def grid_start(rng: np.random.Generator, grid: int) -> tuple[float, float]:
+    """A still subject's centre on the ``grid``-pixel lattice, a sprite of ``SPRITE`` pixels inside the
+    frame: with ``grid`` a DiT token's size, the subject covers whole tokens (the aligned world)."""
+    centres = np.arange(grid, FRAME, grid)
+    centres = centres[(centres >= SPRITE / 2) & (centres <= FRAME - SPRITE / 2)]
+    return float(rng.choice(centres)), float(rng.choice(centres))
+
+
+def aligned_reference_image(shape: str, colour: str) -> Image.Image:
+    """The subject upright at the clip's size, centred on a white frame-sized canvas: what a
+    reference looks like in the aligned world, where copying it needs no rescaling or rotation."""
+    canvas = Image.new("RGBA", (FRAME, FRAME), (255, 255, 255, 255))
+    image = sprite(shape, colour, SPRITE)
+    canvas.alpha_composite(image, ((FRAME - SPRITE) // 2, (FRAME - SPRITE) // 2))
+    return canvas.convert("RGB")
+
+
 def place_phrase(x: float, y: float) -> str:
     """Where a subject starts, on a 3 × 3 grid of the frame: 'at the top left', 'at the left', 'in the centre'."""
     row, column = (min(int(v * 3 // FRAME), 2) for v in (y, x))
