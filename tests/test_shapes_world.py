@@ -43,23 +43,25 @@ def test_clips_are_deterministic_for_a_seed():
     assert a["frames"].shape == (9, 96, 96, 3)
 
 
-def test_aligned_world_puts_each_reference_into_the_clip_by_whole_tokens():
-    """``make_shapes_dataset.py --aligned 16``: still subjects of the sprite size centred on the 16-px
-    lattice; each reference is the same sprite in the middle of a white frame, so the clip's pixels
-    under the sprite are the reference's, shifted by whole 16-px tokens. Held-out clips keep a pair
-    training never shows, and the detector reads the clips."""
+@pytest.mark.parametrize("grid", [16, 32])
+def test_aligned_world_puts_each_reference_into_the_clip_by_whole_tokens(grid):
+    """``make_shapes_dataset.py --aligned 16`` (or 32): still subjects of the sprite size whose boxes
+    start on the lattice; each reference is the same sprite in the middle of a white frame, so the
+    clip's pixels under the sprite are the reference's, shifted by whole tokens. Held-out clips keep
+    a pair training never shows, and the detector reads the clips."""
     from tools.shapes_world import silhouette
 
-    clips = [make_clip(0, index, aligned=16) for index in range(9, 60, 10)] + [make_clip(0, 3, aligned=16)]
+    clips = [make_clip(0, index, aligned=grid) for index in range(9, 60, 10)] + [make_clip(0, 3, aligned=grid)]
+    centre = (FRAME - SPRITE) // 2
+    assert centre % grid == 0  # the reference's sprite box is on the lattice too
     for clip in clips:
         for subject, reference in zip(clip["subjects"], clip["references"], strict=True):
             x, y, size = subject["track"][0]
-            assert subject["motion"] == "still" and size == SPRITE and x % 16 == 0 and y % 16 == 0
+            left, top = int(x) - SPRITE // 2, int(y) - SPRITE // 2
+            assert subject["motion"] == "still" and size == SPRITE and left % grid == 0 and top % grid == 0
             assert all(point == subject["track"][0] for point in subject["track"])
             inside = np.asarray(silhouette(subject["shape"], SPRITE)) == 255
-            left, top = int(x) - SPRITE // 2, int(y) - SPRITE // 2
             in_clip = clip["frames"][0][top : top + SPRITE, left : left + SPRITE][inside]
-            centre = (FRAME - SPRITE) // 2
             in_reference = np.asarray(reference)[centre : centre + SPRITE, centre : centre + SPRITE][inside]
             assert reference.size == (FRAME, FRAME) and np.array_equal(in_clip, in_reference)
         assert clip["split"] == "heldout" or clip["id"] == "train_00003"

@@ -9,10 +9,11 @@ that training never shows (``shapes_world.is_held_out``). Subjects of a clip hav
 colours and tracks that never overlap. Seeded: the same seed gives the same clips.
 
 ``--aligned PIXELS`` writes a diagnostic world instead (not the demo's): every subject stands
-still at the sprite size, centred on a PIXELS lattice (16: the next demo DiT's token, VAE stride 4
-times patch 4), and its reference is the subject upright at that size in the middle of a white
-frame-sized canvas, so that copying a reference into the clip is a shift by whole tokens, with no
-rescaling, rotation or sub-token offset (model card, "An aligned world").
+still at the sprite size, its box starting on a PIXELS lattice (16: the next demo DiT's token, VAE
+stride 4 times patch 4; 32: a token of patch 8, one sprite per token), and its reference is the
+subject upright at that size in the middle of a white frame-sized canvas, so that copying a
+reference into the clip is a shift by whole tokens, with no rescaling, rotation or sub-token offset
+(model card, "An aligned world").
 """
 
 from __future__ import annotations
@@ -150,8 +151,8 @@ def main(argv=None) -> int:
         "--aligned",
         type=int,
         metavar="PIXELS",
-        help="the diagnostic aligned world: still subjects centred on this lattice (a DiT token: 16), upright "
-        "references at the clip's size",
+        help="the diagnostic aligned world: still subjects whose boxes start on this lattice (a DiT token: 16, or "
+        "32 for patch 8), upright references at the clip's size",
     )
     args = parser.parse_args(argv)
     if args.aligned is not None and not 0 < args.aligned <= SPRITE:

@@ -183,9 +183,10 @@ def reference_image(shape: str, colour: str, rng: np.random.Generator) -> Image.
 
 
 def grid_start(rng: np.random.Generator, grid: int) -> tuple[float, float]:
-    """A still subject's centre on the ``grid``-pixel lattice, a sprite of ``SPRITE`` pixels inside the
-    frame: with ``grid`` a DiT token's size, the subject covers whole tokens (the aligned world)."""
-    centres = np.arange(grid, FRAME, grid)
+    """A still subject's centre such that its ``SPRITE``-pixel box starts on the ``grid``-pixel lattice,
+    inside the frame: with ``grid`` a DiT token's size, the subject covers whole tokens (the aligned
+    world; 16 for 4 x 4 patches, 32 for 8 x 8, where a sprite is one token)."""
+    centres = np.arange((SPRITE // 2) % grid, FRAME, grid)
     centres = centres[(centres >= SPRITE / 2) & (centres <= FRAME - SPRITE / 2)]
     return float(rng.choice(centres)), float(rng.choice(centres))
 
