@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from tools.reference_gap import altered_inputs, gap_rows, main, parse_sigmas
-from tools.shapes_world import PATTERNED, detect
+from tools.shapes_world import PATTERNED, aligned_reference_image, detect
 
 
 def test_altered_references_change_only_what_they_say():
@@ -37,6 +37,26 @@ def test_altered_references_change_only_what_they_say():
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(sets["shape"], again, strict=True))
     other = altered_inputs(subjects, clip_index=4)["true"][1]
     assert any(a.size != b.size for a, b in zip(sets["true"], other, strict=True))
+
+
+def test_aligned_references_are_the_aligned_worlds():
+    """``--aligned``: every variant is drawn as ``make_shapes_dataset.py --aligned`` draws references
+    (upright, the clip's size, frame-sized canvas), whatever the clip's seed; only the named property
+    changes."""
+    subjects = [
+        {"shape": "star", "colour": "red", "motion": "still"},
+        {"shape": "heart", "colour": "blue", "motion": "still"},
+    ]
+    for clip_index in (3, 4):
+        sets = {name: refs for name, (_, refs) in altered_inputs(subjects, clip_index, aligned=True).items()}
+        for slot, subject in enumerate(subjects):
+            expected = np.asarray(aligned_reference_image(subject["shape"], subject["colour"]))
+            assert np.array_equal(np.asarray(sets["true"][slot]), expected)
+            shape = detect(np.asarray(sets["shape"][slot]))[0]
+            colour = detect(np.asarray(sets["colour"][slot]))[0]
+            assert shape.shape != subject["shape"] and shape.colour == subject["colour"]
+            assert colour.shape == subject["shape"] and colour.colour != subject["colour"]
+            assert {sets[name][slot].size for name in ("true", "shape", "colour", "blank")} == {expected.shape[:2]}
 
 
 def test_gap_rows_are_ratios_of_mean_errors():

@@ -73,6 +73,31 @@ def test_aligned_world_puts_each_reference_into_the_clip_by_whole_tokens(grid):
     assert exit_info.value.code == 2
 
 
+def test_upright_world_keeps_the_demo_layout_with_references_at_the_clip_size():
+    """``--upright``: the demo world's subjects, starts and motions (so sub-token offsets), each at
+    the sprite size, its reference the aligned world's (upright, that size); the detector reads it."""
+    from tools.shapes_world import aligned_reference_image
+
+    pairs = [(make_clip(0, index), make_clip(0, index, upright=True)) for index in (3, 9, 19, 27)]
+    for demo, upright in pairs:
+        assert len(demo["subjects"]) == len(upright["subjects"])
+        for a, b, reference in zip(demo["subjects"], upright["subjects"], upright["references"], strict=True):
+            assert (a["shape"], a["colour"], a["motion"]) == (b["shape"], b["colour"], b["motion"])
+            assert a["track"][0][:2] == b["track"][0][:2]
+            sizes = [size for _, _, size in b["track"]]
+            if b["motion"] in ("grow", "shrink"):  # scaled from the sprite size, 0.6x to 1.2x
+                assert int(0.6 * SPRITE) in sizes and int(1.2 * SPRITE) in sizes
+            else:
+                assert set(sizes) == {SPRITE}
+            expected = np.asarray(aligned_reference_image(b["shape"], b["colour"]))
+            assert np.array_equal(np.asarray(reference), expected)
+    figures = ground_truth([Clip(u["id"], u["subjects"], u["references"], u["frames"]) for _, u in pairs])
+    assert figures["identity"] == 1.0, figures
+    with pytest.raises(SystemExit) as exit_info:
+        make_dataset_main(["--out", "unused", "--aligned", "16", "--upright"])
+    assert exit_info.value.code == 2
+
+
 def test_placed_captions_say_where_each_subject_is_drawn_and_on_what():
     words = {0: ("top", "left"), 2: ("bottom", "right")}  # grid third -> (row word, column word)
     checked = 0

@@ -14,6 +14,10 @@ stride 4 times patch 4; 32: a token of patch 8, one sprite per token), and its r
 subject upright at that size in the middle of a white frame-sized canvas, so that copying a
 reference into the clip is a shift by whole tokens, with no rescaling, rotation or sub-token offset
 (model card, "An aligned world").
+
+``--upright`` writes a second diagnostic world: the demo's clips (positions and motions, so
+sub-token offsets), but every subject at the sprite size and its reference as the aligned world
+draws it (upright, that size): what is left of copying a reference is where it lands.
 """
 
 from __future__ import annotations
@@ -76,10 +80,11 @@ def choose_pairs(rng: np.random.Generator, held_out: bool, count: int) -> list[t
     return pairs
 
 
-def make_clip(seed: int, index: int, placed: bool = False, aligned: int | None = None) -> dict:
+def make_clip(seed: int, index: int, placed: bool = False, aligned: int | None = None, upright: bool = False) -> dict:
     """One clip's frames, references, caption and metadata (pure function of ``seed`` and ``index``;
     ``placed`` changes only the caption, which then also says where each subject starts and the background;
-    ``aligned`` (pixels) makes the aligned world's clip: still subjects on that lattice, upright references)."""
+    ``aligned`` (pixels) makes the aligned world's clip: still subjects on that lattice, upright references;
+    ``upright``: the demo's clip with every subject at the sprite size and upright references at that size)."""
     rng = np.random.default_rng([seed, index])
     held_out = index % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
     count = int(rng.integers(1, 4))
@@ -91,7 +96,8 @@ def make_clip(seed: int, index: int, placed: bool = False, aligned: int | None =
                 subject = Subject(shape, colour, "still", grid_start(rng, aligned), SPRITE)
             else:
                 motion = str(rng.choice(MOTIONS))
-                subject = Subject(shape, colour, motion, start_for(motion, rng), SPRITE + int(rng.integers(-2, 5)))
+                size = SPRITE + int(rng.integers(-2, 5))  # drawn in both worlds: the same positions follow
+                subject = Subject(shape, colour, motion, start_for(motion, rng), SPRITE if upright else size)
             plan_motion(subject, FRAMES)
             subjects.append(subject)
         if tracks_apart(subjects):
@@ -106,7 +112,9 @@ def make_clip(seed: int, index: int, placed: bool = False, aligned: int | None =
         "split": "heldout" if held_out else "train",
         "frames": render(subjects, BACKGROUNDS[background]),
         "references": [
-            aligned_reference_image(s.shape, s.colour) if aligned else reference_image(s.shape, s.colour, rng)
+            aligned_reference_image(s.shape, s.colour)
+            if aligned or upright
+            else reference_image(s.shape, s.colour, rng)
             for s in subjects
         ],
         "caption": caption(subjects, rng, BACKGROUND_NAMES[background] if placed else None),
@@ -154,13 +162,20 @@ def main(argv=None) -> int:
         help="the diagnostic aligned world: still subjects whose boxes start on this lattice (a DiT token: 16, or "
         "32 for patch 8), upright references at the clip's size",
     )
+    parser.add_argument(
+        "--upright",
+        action="store_true",
+        help="the diagnostic upright world: the demo's clips, every subject at the sprite size, upright references",
+    )
     args = parser.parse_args(argv)
+    if args.aligned is not None and args.upright:
+        parser.exit(2, "error: --aligned and --upright are two different worlds: give one\n")
     if args.aligned is not None and not 0 < args.aligned <= SPRITE:
         parser.exit(2, f"error: --aligned: expected a lattice of 1 to {SPRITE} pixels, got {args.aligned}\n")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     root = Path(args.out)
     for index in tqdm(range(args.count), desc="clips"):
-        write_clip(root, make_clip(args.seed, index, args.placed, args.aligned))
+        write_clip(root, make_clip(args.seed, index, args.placed, args.aligned, args.upright))
     held = len(range(HELD_OUT_EVERY - 1, args.count, HELD_OUT_EVERY))
     log.info("wrote %d clips (%d train, %d held out) under %s", args.count, args.count - held, held, root)
     return 0

@@ -1,7 +1,8 @@
 """Does a DiT read its references' shapes? Paired denoising errors with altered references.
 
     python tools/reference_gap.py --config configs/sampling/shapes_next.yaml --data data/probe/train \
-        [--skip 0] [--limit 64] [--sigmas 0.95,0.9,0.8,0.6] [--seeds 2] [--first-frame] load=<checkpoint>
+        [--skip 0] [--limit 64] [--sigmas 0.95,0.9,0.8,0.6] [--seeds 2] [--first-frame] [--aligned] \
+        load=<checkpoint>
 
 For clips with precomputed latents (``tools/precompute_latents.py``), at each noise level σ, the DiT's
 velocity error over the subjects' latent cells (their ``subject_mask``) is measured with four sets of
@@ -9,7 +10,9 @@ references, all with the same noise and the same ordinal caption ("the first obj
 shape or colour named, as in ``tools/eval_shapes.py``):
 
 - ``true``: each subject re-rendered by the world's ``reference_image`` at a size and rotation drawn
-  from a seed of its own (clip, slot);
+  from a seed of its own (clip, slot); with ``--aligned``, by ``aligned_reference_image`` (upright at
+  the clip's size on a frame-sized canvas, as ``make_shapes_dataset.py --aligned`` draws references:
+  the demo's references would be out of that world's distribution);
 - ``shape``: the same size, rotation and colour, another shape with the same pattern (striped shapes
   swap with each other, plain with plain: stripes are a texture, read like a colour, and would
   otherwise count as shape);
@@ -45,6 +48,7 @@ from tools.shapes_world import (  # noqa: E402
     COLOURS,
     PATTERNED,
     SHAPES,
+    aligned_reference_image,
     ordinal_caption,
     reference_image,
     subject_phrase,
@@ -56,11 +60,14 @@ GAPS = {"shape_gap": ("shape", "true"), "colour_gap": ("colour", "true"), "blank
 GAPS["text_shape_gap"] = ("named_shape", "named")
 
 
-def altered_inputs(subjects: list[dict], clip_index: int) -> dict[str, tuple[str, list]]:
+def altered_inputs(subjects: list[dict], clip_index: int, aligned: bool = False) -> dict[str, tuple[str, list]]:
     """The variants' ``(caption, references)`` of one clip (PIL images), each subject at the size and
     rotation drawn from the seed of (clip, slot), so that the variants differ only in what they are
-    meant to."""
+    meant to; ``aligned``: drawn as the aligned world's references (upright, the clip's size)."""
     from PIL import Image
+
+    def draw(shape: str, colour: str, rng: np.random.Generator) -> Image.Image:
+        return aligned_reference_image(shape, colour) if aligned else reference_image(shape, colour, rng)
 
     refs: dict[str, list] = {name: [] for name in ("true", "shape", "colour", "blank")}
     other_shapes = []
@@ -70,9 +77,9 @@ def altered_inputs(subjects: list[dict], clip_index: int) -> dict[str, tuple[str
         same_pattern = [s for s in SHAPES if (s in PATTERNED) == (subject["shape"] in PATTERNED)]
         other_shapes.append(str(choice.choice([s for s in same_pattern if s != subject["shape"]])))
         other_colour = str(choice.choice([c for c in COLOURS if c != subject["colour"]]))
-        refs["true"].append(reference_image(subject["shape"], subject["colour"], np.random.default_rng(seed)))
-        refs["shape"].append(reference_image(other_shapes[-1], subject["colour"], np.random.default_rng(seed)))
-        refs["colour"].append(reference_image(subject["shape"], other_colour, np.random.default_rng(seed)))
+        refs["true"].append(draw(subject["shape"], subject["colour"], np.random.default_rng(seed)))
+        refs["shape"].append(draw(other_shapes[-1], subject["colour"], np.random.default_rng(seed)))
+        refs["colour"].append(draw(subject["shape"], other_colour, np.random.default_rng(seed)))
         refs["blank"].append(Image.new("RGB", refs["true"][-1].size, (255, 255, 255)))
     ordinal = ordinal_caption([s["motion"] for s in subjects])
     return {
@@ -151,7 +158,7 @@ def measure(args: argparse.Namespace, overrides: list[str]) -> list[dict]:
                     pipeline.conditioner([caption])[0]["crossattn"],
                     pipeline.reference_latents(images, height, width),
                 )
-                for name, (caption, images) in altered_inputs(subjects, index).items()
+                for name, (caption, images) in altered_inputs(subjects, index, args.aligned).items()
             }
             for seed in range(args.seeds):
                 noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(10_000 * index + seed))
@@ -174,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sigmas", default="0.95,0.9,0.8,0.6")
     parser.add_argument("--seeds", type=int, default=2, help="noise draws per clip and σ")
     parser.add_argument("--first-frame", action="store_true", help="the first latent frame only (image DiTs)")
+    parser.add_argument(
+        "--aligned",
+        action="store_true",
+        help="references as the aligned world draws them (make_shapes_dataset --aligned)",
+    )
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
