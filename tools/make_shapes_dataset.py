@@ -96,8 +96,9 @@ def make_clip(seed: int, index: int, placed: bool = False, aligned: int | None =
                 subject = Subject(shape, colour, "still", grid_start(rng, aligned), SPRITE)
             else:
                 motion = str(rng.choice(MOTIONS))
-                size = SPRITE + int(rng.integers(-2, 5))  # drawn in both worlds: the same positions follow
-                subject = Subject(shape, colour, motion, start_for(motion, rng), SPRITE if upright else size)
+                start = start_for(motion, rng)
+                size = SPRITE + int(rng.integers(-2, 5))  # drawn in both worlds, after the start: the same clips follow
+                subject = Subject(shape, colour, motion, start, SPRITE if upright else size)
             plan_motion(subject, FRAMES)
             subjects.append(subject)
         if tracks_apart(subjects):
