@@ -11,7 +11,15 @@ from safetensors.torch import load_file, save_file
 
 from sgm.checkpoint import SAT_MODEL_FILE, write_sat_checkpoint
 from sgm.training import COMPLETE_FILE, EMA_FILE
-from tools.eval_shapes import DEFAULT_CONFIG, each_checkpoint, evaluate_model, load_clips, main, read_rows
+from tools.eval_shapes import (
+    DEFAULT_CONFIG,
+    each_checkpoint,
+    evaluate_model,
+    load_clips,
+    main,
+    read_rows,
+    rows_table,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "assets" / "kaleido-shapes"
@@ -90,6 +98,24 @@ def test_reruns_evaluate_only_new_or_changed_weights_and_keep_pruned_rows(tmp_pa
     each_checkpoint(run, True, tmp_path / "ema.csv", settings, lambda w: seen.append(w.name) or {"x": 1.0})
     assert seen == [EMA_FILE, EMA_FILE] and f"no {EMA_FILE}: skipped" in caplog.text
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_rows_from_before_a_new_figure_are_kept_beside_rows_with_it(tmp_path):
+    """A figure added to the evaluation (``one_piece``) must not break a CSV written before it."""
+    run, out = tmp_path / "run", tmp_path / "rows.csv"
+    save(run, 10, {"w": torch.zeros(3)})
+    settings = {"clips": ["a"], "overrides": []}
+    each_checkpoint(run, False, out, settings, lambda w: {"identity_accuracy": 0.25})
+    save(run, 20, {"w": torch.ones(3)})
+    rows, evaluated = each_checkpoint(
+        run, False, out, settings, lambda w: {"identity_accuracy": 0.5, "one_piece": 0.75}
+    )
+    assert evaluated == 1 and [r.get("one_piece", "") for r in read_rows(out)] == ["", "0.750000"]
+    assert rows_table(read_rows(out)).splitlines() == [
+        "iteration  identity_accuracy  one_piece",
+        "       10              0.250          -",
+        "       20              0.500      0.750",
+    ]
 
 
 @pytest.mark.parametrize(

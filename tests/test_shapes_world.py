@@ -28,6 +28,7 @@ from tools.shapes_world import (
     SPRITE,
     Subject,
     colour_masks,
+    count_pieces,
     detect,
     is_held_out,
     render,
@@ -159,6 +160,7 @@ def test_detector_scores_ground_truth_clips(tmp_path):
         "shape": False,
         "identity": False,
         "presence": 0.0,
+        "one_piece": False,
         "motion": False,
         "detected_shape": None,
         "detected_motion": None,
@@ -400,3 +402,28 @@ def test_vae_loss_weights_favour_the_subjects_and_average_one():
     assert weights[0].mean().item() == pytest.approx(1.0) and weights[1].mean().item() == pytest.approx(1.0)
     assert weights[0, 0, 0, 0, 0].item() == pytest.approx(10 * weights[0, 0, 0, 9, 9].item())
     assert torch.equal(weights[1], torch.ones(1, 1, 10, 10))  # no subject: plain mean
+
+
+def test_count_pieces_is_eight_connected_and_drops_specks():
+    mask = np.zeros((40, 40), dtype=bool)
+    mask[2:9, 2:9] = True  # 49 pixels
+    assert count_pieces(mask) == 1
+    mask[9:16, 9:16] = True  # touches the first block at one corner only: still one piece
+    assert count_pieces(mask) == 1
+    mask[30:37, 2:9] = True  # apart
+    assert count_pieces(mask) == 2
+    mask[30:35, 30:35] = True  # 25 pixels: below the detector's minimum area
+    assert count_pieces(mask) == 2 and count_pieces(mask, min_area=20) == 3
+
+
+def test_a_subject_drawn_twice_is_not_one_piece():
+    def still(x, y):
+        subject = Subject("star", "red", "still", (x, y))
+        subject.track = [(x, y, SPRITE)] * 3
+        return subject
+
+    once = render([still(24, 24)], BACKGROUNDS[0], frames=3)
+    twice = render([still(24, 24), still(72, 70)], BACKGROUNDS[0], frames=3)
+    assert [d.pieces for d in detect(twice[0])] == [2] and [d.pieces for d in detect(once[0])] == [1]
+    assert score_subject(once, "star", "red", "still")["one_piece"]
+    assert not score_subject(twice, "star", "red", "still")["one_piece"]

@@ -349,21 +349,49 @@ def classify_shape(mask: np.ndarray) -> str:
     return max(scores, key=scores.get)
 
 
+def count_pieces(mask: np.ndarray, min_area: int = 40) -> int:
+    """How many 8-connected pieces of at least ``min_area`` pixels the boolean ``[H, W]`` ``mask``
+    falls into: a subject drawn once is one piece; a sample that draws it twice, or cut in two, more.
+    (A flood fill: scipy.ndimage.label does this, but scipy is no dependency of ours, and a 96 x 96
+    mask is small.)"""
+    todo = mask.copy()
+    height, width = mask.shape
+    count = 0
+    for start in zip(*np.nonzero(mask), strict=True):
+        if not todo[start]:
+            continue
+        todo[start] = False
+        stack, size = [start], 0
+        while stack:
+            y, x = stack.pop()
+            size += 1
+            for v in range(max(y - 1, 0), min(y + 2, height)):
+                for u in range(max(x - 1, 0), min(x + 2, width)):
+                    if todo[v, u]:
+                        todo[v, u] = False
+                        stack.append((v, u))
+        count += size >= min_area
+    return count
+
+
 @dataclass
 class Detection:
     colour: str
     shape: str
     centre: tuple[float, float]
     area: int
+    pieces: int  # count_pieces of the silhouette: 1 where the subject is drawn once, whole
 
 
 def detect(frame: np.ndarray, min_area: int = 40) -> list[Detection]:
     """Every catalogue-coloured subject with a silhouette of at least ``min_area`` pixels: its
-    colour, shape, centre and silhouette area."""
+    colour, shape, centre, silhouette area and how many pieces of ``min_area`` the silhouette has
+    (the shape, centre and area are read from the whole silhouette, as one subject)."""
     found = []
     for colour, mask in silhouettes(frame, min_area).items():
         ys, xs = np.nonzero(mask)
-        found.append(Detection(colour, classify_shape(mask), (float(xs.mean()), float(ys.mean())), int(mask.sum())))
+        centre = (float(xs.mean()), float(ys.mean()))
+        found.append(Detection(colour, classify_shape(mask), centre, int(mask.sum()), count_pieces(mask, min_area)))
     return found
 
 
