@@ -129,8 +129,14 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """The weights file of a checkpoint path: a file, or a SAT folder (``latest`` names the iteration)."""
+    """The weights file of a checkpoint path: a file, or a SAT folder (``latest`` names the iteration).
+
+    The folder's ``latest`` file itself (a path a shell completes to) reads as its folder: it is a
+    pointer, never weights.
+    """
     path = Path(path)
+    if path.is_file() and path.name == LATEST_FILE:
+        path = path.parent
     if path.is_file():
         return path
     if not path.is_dir():
@@ -179,6 +185,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                     raise
                 loaded = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
         except pickle.UnpicklingError as exc:
+            if NOT_A_PICKLE.search(str(exc)):  # e.g. a text file: no code in it, just not a checkpoint
+                raise ValueError(f"{path}: not a checkpoint (neither a torch file nor safetensors)") from None
             raise PickledCodeError(refusal(path, exc)) from None
         except (RuntimeError, EOFError, OSError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -191,6 +199,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise ValueError(f"{path}: expected a state dict of tensors")
     return loaded
+
+
+# What the unpickler says of bytes that are no pickle at all (the first byte is not an opcode).
+NOT_A_PICKLE = re.compile(r"Unsupported operand|invalid load key")
 
 
 class PickledCodeError(ValueError):

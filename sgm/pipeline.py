@@ -166,6 +166,8 @@ def resolve_components(config: ComponentsConfig, *, planning: bool = False) -> C
     found = find_model_card(config.load) if config.load else None
     card, folder = found if found else (None, None)
     if config.load and card is None and config.model.name is None:
+        if not Path(config.load).exists():  # a mistyped path: say so, not that a card is missing
+            raise ValueError(f"load: {config.load}: checkpoint not found")
         raise ValueError(
             f"model.name: {config.load} has no {MODEL_CARD_FILE} (written since by training, merges and exports); "
             "name the architecture, e.g. --config configs/model/kaleido_14b.yaml"

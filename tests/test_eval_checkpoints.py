@@ -130,6 +130,7 @@ def test_rows_from_before_a_new_figure_are_kept_beside_rows_with_it(tmp_path):
             "no.yaml: no such file",
         ),
         (["--limit", "1", "--config", "configs/sampling/shapes.yaml", "seed=3"], "write key=value overrides before"),
+        (["--limit", "1", "--load", "{tmp}/missing.pt"], "load: {tmp}/missing.pt: checkpoint not found"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, args, message):
@@ -138,4 +139,5 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, args, message):
         main([a.format(tmp=tmp_path, run=tmp_path / "run") for a in args])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
+    message = message.format(tmp=tmp_path, run=tmp_path / "run")
     assert len(err) == 1 and message in err[0], err

@@ -13,7 +13,16 @@ from diffusers import WanTransformer3DModel
 from safetensors.torch import save_file
 
 import merge_kaleido
-from sgm.checkpoint import ENGINE_PREFIX, find_model_card, read_dit_checkpoint, read_state_dict
+from sgm.checkpoint import (
+    ENGINE_PREFIX,
+    LATEST_FILE,
+    SAT_MODEL_FILE,
+    find_model_card,
+    read_dit_checkpoint,
+    read_state_dict,
+    resolve_checkpoint,
+    write_sat_checkpoint,
+)
 from sgm.convert.diffusers_wan import diffusers_to_kaleido, kaleido_to_diffusers
 from sgm.convert.wan_official import kaleido_to_wan, wan_to_kaleido
 from sgm.modules.encoders.text import RELEASE_T5_FILE
@@ -173,6 +182,20 @@ def test_pickled_code_is_refused_by_every_loader(tmp_path):
         read_state_dict(path)
     assert "weights_only" not in str(info.value) and "False" not in str(info.value)  # no advice to disable it
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_file_that_is_no_checkpoint_is_named_so_and_a_latest_pointer_reads_as_its_folder(tmp_path):
+    notes = tmp_path / "notes.pt"
+    notes.write_text("1500\n")
+    with pytest.raises(ValueError, match="notes.pt: not a checkpoint") as info:
+        read_state_dict(notes)
+    assert "contains code" not in str(info.value)
+    run = tmp_path / "run"
+    weights = {ENGINE_PREFIX + "w": torch.arange(3.0)}
+    write_sat_checkpoint(run, weights, None, iteration="7")
+    assert (run / LATEST_FILE).read_text().strip() == "7"
+    assert resolve_checkpoint(run / LATEST_FILE) == resolve_checkpoint(run) == run / "7" / SAT_MODEL_FILE
+    assert torch.equal(read_dit_checkpoint(run / LATEST_FILE)["w"], torch.arange(3.0))
 
 
 def test_wan_official_and_diffusers_round_trips(source):

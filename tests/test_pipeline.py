@@ -80,6 +80,9 @@ def test_without_a_card_the_registry_decides(tmp_path):
 def test_weights_without_a_card_need_a_model_name(tmp_path):
     config = SamplingConfig(load=str(tmp_path / "old_checkpoint.pt"))
     config.vae.path, config.text_encoder.path = str(ROOT / "assets/kaleido-tiny/Wan2.1_VAE.pth"), "x"
+    with pytest.raises(ValueError, match="load: .*old_checkpoint.pt: checkpoint not found"):
+        resolve_components(config)
+    (tmp_path / "old_checkpoint.pt").write_bytes(b"")
     with pytest.raises(ValueError, match="model.name: .*old_checkpoint.pt has no kaleido_model.json"):
         resolve_components(config)
     config.model.name = "kaleido-tiny"

@@ -616,13 +616,16 @@ def main(argv=None) -> int:
 
             try:
                 rows, evaluated = each_checkpoint(Path(args.load), args.ema, Path(args.csv), settings, evaluate)
-            except ValueError as error:
+            except (ValueError, FileNotFoundError) as error:
                 parser.exit(2, f"error: {error}\n")
             if rows:
                 print(rows_table(rows))
             log.info("%d checkpoints evaluated, %d rows kept -> %s", evaluated, len(rows) - evaluated, args.csv)
             return 0
-        scores = sample_and_score(clips, args.config, overrides, slice(start, stop), args.placed, args.start_sigma)
+        try:
+            scores = sample_and_score(clips, args.config, overrides, slice(start, stop), args.placed, args.start_sigma)
+        except (ValueError, FileNotFoundError) as error:  # a bad config key, checkpoint or model folder
+            parser.exit(2, f"error: {error}\n")
         scored, figures = scores.normal, model_figures(scores, len(clips))
     print(table(figures))
     if args.confusion:
