@@ -427,3 +427,29 @@ def test_a_subject_drawn_twice_is_not_one_piece():
     assert [d.pieces for d in detect(twice[0])] == [2] and [d.pieces for d in detect(once[0])] == [1]
     assert score_subject(once, "star", "red", "still")["one_piece"]
     assert not score_subject(twice, "star", "red", "still")["one_piece"]
+
+
+def test_one_frame_scores_no_motion_and_no_swap():
+    """A first-frame sample shows no motion: scored, every found subject would read as "still" (a
+    still subject right, every other wrong) and swap-following would count stills; they are not
+    scored (None, printed "-", an empty CSV cell), while the shape is read as from a video."""
+    from tools.eval_shapes import ModelScores, csv_value, model_figures, summarise
+
+    def moving(motion):
+        subject = Subject("star", "red", motion, (48, 48))
+        subject.track = [(48 + 7 * t * (motion == "right"), 48, SPRITE) for t in range(5)]
+        return subject
+
+    video = render([moving("right")], BACKGROUNDS[0], frames=5)
+    whole, first = score_subject(video, "star", "red", "right"), score_subject(video[:1], "star", "red", "right")
+    assert whole["motion"] is True and whole["identity"] and first["identity"] and first["motion"] is None
+    still = render([moving("still")], BACKGROUNDS[0], frames=1)
+    assert score_subject(still, "star", "red", "still")["motion"] is None  # not a free point for "still"
+    assert summarise([whole, whole])["motion"] == 1.0 and summarise([first, whole])["motion"] is None
+    subject = {"shape": "star", "colour": "red", "motion": "right"}
+    figures = model_figures(ModelScores([(subject, first)], [(subject, first)], [None, None]), 1)
+    assert figures["identity_accuracy"] == 1.0 and figures["motion_accuracy"] is None
+    assert figures["swap_following"] is None and csv_value(None) == "" and csv_value(0.5) == "0.500000"
+    lines = {line.split()[0]: line for line in table(figures).splitlines()}
+    assert "NOT met" not in lines["motion_accuracy"] and "no motion" in lines["swap_following"]
+    assert lines["identity_accuracy"].split()[1] == "1.000"

@@ -19,7 +19,7 @@ subject by its catalogue colour in every frame:
 - one piece: the subject's colour forms exactly one blob (8-connected, of the detector's minimum
   area) in every frame where it is found: the layout apart from the shape (a sample that draws a
   subject twice, or cut by another, fails it; ground truth: 1.000 on 100 generated held-out clips);
-- motion: its track moves as the caption says;
+- motion: its track moves as the caption says (not scored on one-frame samples, printed "-");
 - ablations in the same run: blank white references (identity should fall to chance), and the
   first two references swapped (the subject doing the first motion should now look like the
   second reference: swap-following).
@@ -101,6 +101,8 @@ def score_subject(frames: np.ndarray, shape: str, colour: str, motion: str) -> d
     seen_shape = Counter(shapes).most_common(1)[0][0] if colour_ok else None
     # a motion is only read from a track of every frame: a gap would fake a jump
     seen_motion = motion_direction(centres, areas) if len(centres) == len(frames) else None
+    # one frame shows no motion at all (every found subject would read as "still"): not scored
+    motion_ok = seen_motion == motion if len(frames) > 1 else None
     return {
         "colour": colour_ok,
         "shape": seen_shape == shape,
@@ -108,15 +110,22 @@ def score_subject(frames: np.ndarray, shape: str, colour: str, motion: str) -> d
         "presence": presence,
         # the layout, apart from the shape: drawn once and whole (one piece) wherever it is found
         "one_piece": colour_ok and all(n == 1 for n in pieces),
-        "motion": seen_motion == motion,
+        "motion": motion_ok,
         "detected_shape": seen_shape,
         "detected_motion": seen_motion,
     }
 
 
+def share(values: list) -> float | None:
+    """The mean of ``values`` (0.0 when there are none); None when they are not scored (None: one frame)."""
+    if any(value is None for value in values):
+        return None
+    return float(np.mean(values)) if values else 0.0
+
+
 def summarise(scores: list[dict]) -> dict:
     keys = ("identity", "colour", "shape", "presence", "one_piece", "motion")
-    return {key: float(np.mean([s[key] for s in scores])) if scores else 0.0 for key in keys}
+    return {key: share([s[key] for s in scores]) for key in keys}
 
 
 def read_frames(path: Path) -> np.ndarray:
@@ -382,7 +391,7 @@ def model_figures(scores: ModelScores, n_videos: int) -> dict:
         "presence": result["presence"],
         "one_piece": result["one_piece"],
         "motion_accuracy": result["motion"],
-        "swap_following": float(np.mean(scores.swapped)) if scores.swapped else 0.0,
+        "swap_following": share(scores.swapped),
         "n_videos": n_videos,
     }
 
@@ -397,7 +406,9 @@ def table(figures: dict) -> str:
     width = max(len(k) for k in figures)
     lines = [f"{'figure':<{width}}  value  goal"]
     for key, value in figures.items():
-        if isinstance(value, float):
+        if value is None:  # motion and swap-following of one-frame samples
+            lines.append(f"{key:<{width}}  -      (one frame: no motion to score)")
+        elif isinstance(value, float):
             goal = f">= {GOALS[key]:.2f} {'met' if value >= GOALS[key] else 'NOT met'}" if key in GOALS else ""
             lines.append(f"{key:<{width}}  {value:.3f}  {goal}".rstrip())
         else:
@@ -468,11 +479,18 @@ def each_checkpoint(run: Path, ema: bool, out: Path, settings: dict, evaluate) -
             "iteration": str(iteration),
             "weights_sha256": weights_sha,
             "settings_sha256": settings_sha,
-            **{key: f"{value:.6f}" if isinstance(value, float) else str(value) for key, value in figures.items()},
+            **{key: csv_value(value) for key, value in figures.items()},
         }
         write_rows(out, list(by_iteration.values()))
         evaluated += 1
     return sorted(by_iteration.values(), key=lambda row: int(row["iteration"])), evaluated
+
+
+def csv_value(value) -> str:
+    """A figure as a CSV cell: floats to 6 places, an unscored figure (None) empty, shown "-"."""
+    if value is None:
+        return ""
+    return f"{value:.6f}" if isinstance(value, float) else str(value)
 
 
 def rows_table(rows: list[dict]) -> str:
